@@ -61,8 +61,11 @@ class Entry:
 class Registry:
     """A name → component table for one kind of component (loss, method, adapter, ...)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, factory: bool = False) -> None:
         self.kind = kind
+        #: entries are factories: `build` calls a registered function (datasets, models, methods)
+        #: instead of partially applying it (losses, metrics)
+        self.factory = factory
         self._entries: dict[str, Entry] = {}
 
     def register(
@@ -107,7 +110,8 @@ class Registry:
         return self.entry(name).obj
 
     def build(self, name: str, **params: Any) -> Any:
-        """A ready component: a class is instantiated, a function partially applied."""
+        """A ready component: a class is instantiated; a function is called (factory registries:
+        datasets, models, methods, teachers) or partially applied (losses, metrics)."""
         e = self.entry(name)
         kwargs = {**e.defaults, **params}
         allowed = e.parameters()
@@ -119,7 +123,10 @@ class Registry:
                 f"{self.kind} {name!r} has no parameter(s) {', '.join(map(repr, unknown))}; "
                 f"it takes: {', '.join(names) or 'nothing'}"
             )
-        built = e.obj(**kwargs) if e.is_class else (functools.partial(e.obj, **kwargs) if kwargs else e.obj)
+        if e.is_class or self.factory:
+            built = e.obj(**kwargs)
+        else:
+            built = functools.partial(e.obj, **kwargs) if kwargs else e.obj
         try:
             built.registry_name = name  # lets callers find the entry's metadata (e.g. shape_check)
         except (AttributeError, TypeError):
@@ -147,12 +154,12 @@ class Registry:
 
 
 LOSSES = Registry("loss")
-METHODS = Registry("method")
+METHODS = Registry("method", factory=True)
 ADAPTERS = Registry("adapter")
 SCHEDULES = Registry("schedule")
-DATASETS = Registry("dataset")
-MODELS = Registry("model")
-TEACHERS = Registry("teacher")
+DATASETS = Registry("dataset", factory=True)
+MODELS = Registry("model", factory=True)
+TEACHERS = Registry("teacher", factory=True)
 METRICS = Registry("metric")
 
 REGISTRIES: dict[str, Registry] = {

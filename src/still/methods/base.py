@@ -45,4 +45,4 @@ def build_method(name: str, **params: Any) -> MethodSpec:
     """The MethodSpec of the registered method `name` with `params` (unknown params are an error)."""
     from still.registry import METHODS
 
-    return METHODS.build(name, **params)()
+    return METHODS.build(name, **params)

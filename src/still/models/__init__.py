@@ -1,0 +1,1 @@
+"""Registered model factories (vision, text, language models)."""
