@@ -1,0 +1,153 @@
+"""Contrastive representation distillation (CRD) with a momentum memory bank of negatives."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from still.registry import register_loss
+
+
+def nce_loss(probs: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE objective on `(B, K+1)` unnormalised probabilities; column 0 is the positive.
+
+    −(1/B)·Σ_b [log(P_pos/(P_pos + K·Pn + ε)) + Σ_k log(K·Pn/(P_neg,k + K·Pn + ε))], Pn = 1/num_data.
+    """
+    b, k1 = probs.shape
+    m = k1 - 1
+    mpn = m / float(num_data)
+    pos = probs[:, 0]
+    neg = probs[:, 1:]
+    log_d1 = torch.log(pos / (pos + mpn + eps))
+    log_d0 = torch.log(mpn / (neg + mpn + eps))
+    return -(log_d1.sum() + log_d0.sum()) / b
+
+
+def _crd_example() -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 6, generator=g, requires_grad=True)
+    t = torch.randn(4, 3, 2, generator=g)
+    return (s, t), {"index": torch.tensor([0, 5, 2, 9])}
+
+
+@register_loss("crd", paper="Tian, Krishnan, Isola. Contrastive Representation Distillation (ICLR 2020)",
+               shape_check="batch", example=_crd_example)
+class CRDLoss(nn.Module):
+    """CRD: NCE between student and teacher embeddings, negatives drawn from a memory bank.
+
+    Call as `loss(student (B, ...), teacher (B, ...), index (B,) int64)` (term `inputs={"index": "index"}`;
+    `index` is the sample id in the training set). Both features are flattened, mapped by a linear head
+    (sized lazily on the first call, trained with the student) to `feat_dim` and L2-normalised. The student
+    embedding is scored against K negatives and its positive from the *teacher* memory, and vice versa;
+    scores are exp(v·m/τ) normalised by a constant Z fixed on the first batch. After each training-mode
+    call the memories' rows `index` move to normalise(momentum·m + (1 − momentum)·v).
+
+    `num_samples` fixes the bank size (the data set's size, as in the paper); without it the bank grows
+    to cover the largest index seen and negatives are drawn from the ids seen so far. Defaults are the
+    paper's (feat_dim 128, K = 16384, τ = 0.07, momentum 0.5). Memory per step is B·(K+1)·feat_dim floats
+    twice: lower `num_negatives` for small machines.
+    """
+
+    def __init__(self, feat_dim: int = 128, num_negatives: int = 16384, nce_t: float = 0.07,
+                 momentum: float = 0.5, num_samples: int | None = None) -> None:
+        super().__init__()
+        self.feat_dim, self.num_negatives = int(feat_dim), int(num_negatives)
+        self.nce_t, self.momentum = float(nce_t), float(momentum)
+        self.num_samples = num_samples
+        self.embed_s: nn.Linear | None = None
+        self.embed_t: nn.Linear | None = None
+        n0 = int(num_samples) if num_samples else 0
+        self.register_buffer("memory_s", self._init_rows(n0))
+        self.register_buffer("memory_t", self._init_rows(n0))
+        # normalising constants (−1: not set yet) and the number of ids known (for growing banks)
+        self.register_buffer("z", torch.full((2,), -1.0))
+        self.register_buffer("n_seen", torch.tensor(n0, dtype=torch.long))
+
+    def _init_rows(self, n: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        stdv = 1.0 / math.sqrt(self.feat_dim / 3)
+        kw: dict[str, Any] = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        return torch.rand(n, self.feat_dim, **kw).mul_(2 * stdv).add_(-stdv)
+
+    @property
+    def num_data(self) -> int:
+        """The bank size used for the noise distribution Pn = 1/num_data."""
+        return int(self.num_samples) if self.num_samples else int(self.n_seen)
+
+    def _grow(self, index: torch.Tensor) -> None:
+        need = int(index.max()) + 1
+        if self.num_samples:
+            if need > int(self.num_samples):
+                raise IndexError(f"crd: sample index {need - 1} >= num_samples={self.num_samples}")
+            return
+        if need > self.memory_s.shape[0]:
+            cap = max(need, 2 * self.memory_s.shape[0])
+            extra = cap - self.memory_s.shape[0]
+            self.memory_s = torch.cat([self.memory_s, self._init_rows(extra, self.memory_s)])
+            self.memory_t = torch.cat([self.memory_t, self._init_rows(extra, self.memory_t)])
+        self.n_seen.fill_(max(int(self.n_seen), need))
+
+    def _head(self, side: str, x: torch.Tensor) -> nn.Linear:
+        head = getattr(self, f"embed_{side}")
+        if head is None:
+            head = nn.Linear(x.shape[1], self.feat_dim).to(device=x.device, dtype=x.dtype)
+            setattr(self, f"embed_{side}", head)
+        return head
+
+    def embed(self, student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised embeddings `(B, feat_dim)` of student and teacher features."""
+        s = student.reshape(student.shape[0], -1)
+        t = teacher.reshape(teacher.shape[0], -1).to(s.device)
+        s = s if s.dtype in (torch.float32, torch.float64) else s.float()
+        t = t.to(s.dtype)
+        vs = F.normalize(self._head("s", s)(s), dim=1)
+        vt = F.normalize(self._head("t", t)(t), dim=1)
+        return vs, vt
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor,
+                contrast_index: torch.Tensor | None = None) -> torch.Tensor:
+        """NCE loss (scalar). `contrast_index` `(B, K+1)` fixes the bank rows (column 0 = positives)."""
+        if student.shape[0] != teacher.shape[0] or index.numel() != student.shape[0]:
+            raise ValueError(f"crd: student batch {student.shape[0]}, teacher batch {teacher.shape[0]} and "
+                             f"{index.numel()} indices must agree")
+        index = index.reshape(-1).long().to(student.device)
+        if self.memory_s.device != student.device:
+            self.to(student.device)
+        self._grow(index)
+        vs, vt = self.embed(student, teacher)
+        mem_s, mem_t = self.memory_s.to(vs.dtype), self.memory_t.to(vs.dtype)
+        b = vs.shape[0]
+        if contrast_index is None:
+            contrast_index = torch.randint(0, self.num_data, (b, self.num_negatives + 1), device=vs.device)
+            contrast_index[:, 0] = index
+        contrast_index = contrast_index.to(vs.device).long()
+        w_t = mem_t[contrast_index.reshape(-1)].view(b, -1, self.feat_dim)
+        w_s = mem_s[contrast_index.reshape(-1)].view(b, -1, self.feat_dim)
+        out_s = torch.exp(torch.bmm(w_t, vs.unsqueeze(2)).squeeze(2) / self.nce_t)  # student vs teacher bank
+        out_t = torch.exp(torch.bmm(w_s, vt.unsqueeze(2)).squeeze(2) / self.nce_t)  # teacher vs student bank
+        n = self.num_data
+        if float(self.z[0]) < 0:
+            self.z[0] = out_s.detach().mean() * n
+            self.z[1] = out_t.detach().mean() * n
+        loss = nce_loss(out_s / self.z[0].to(out_s.dtype), n) + nce_loss(out_t / self.z[1].to(out_t.dtype), n)
+        if self.training:
+            with torch.no_grad():
+                for mem, v in ((self.memory_s, vs), (self.memory_t, vt)):
+                    rows = mem[index] * self.momentum + v.detach().to(mem.dtype) * (1 - self.momentum)
+                    mem.index_copy_(0, index, F.normalize(rows, dim=1))
+        return loss
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A fresh CRD (bank not grown, heads not built yet) takes the saved shapes.
+        for name in ("memory_s", "memory_t"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        for side in ("s", "t"):
+            w = state_dict.get(f"{prefix}embed_{side}.weight")
+            if w is not None and getattr(self, f"embed_{side}") is None:
+                setattr(self, f"embed_{side}", nn.Linear(w.shape[1], w.shape[0]).to(self.memory_s.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
