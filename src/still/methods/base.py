@@ -31,6 +31,9 @@ class MethodSpec:
     teacher_views: dict[str, str] = field(default_factory=dict)
     #: optional `(teacher, student) -> teacher` (e.g. a mixture, an EMA or a self-teacher)
     wrap_teacher: Callable[..., Any] | None = None
+    #: optional `(teacher, student, train_data) -> None`, called once after the teacher is built and
+    #: before training (e.g. LELP fits its pseudo-subclass projections on the teacher's embeddings)
+    prepare: Callable[..., Any] | None = None
     #: extra notes shown by `still list methods`
     notes: str = ""
 
