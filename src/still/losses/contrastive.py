@@ -149,5 +149,5 @@ class CRDLoss(nn.Module):
         for side in ("s", "t"):
             w = state_dict.get(f"{prefix}embed_{side}.weight")
             if w is not None and getattr(self, f"embed_{side}") is None:
-                setattr(self, f"embed_{side}", nn.Linear(w.shape[1], w.shape[0]).to(self.memory_s.device))
+                setattr(self, f"embed_{side}", nn.Linear(w.shape[1], w.shape[0]).to(device=self.memory_s.device, dtype=w.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
