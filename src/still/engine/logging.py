@@ -1,0 +1,165 @@
+"""Where the engine's records go: metrics.jsonl, TensorBoard, MLflow, and the progress bar.
+
+Every sink has `log(record)` and `close()`; a record is a flat dict such as
+`{"split": "train", "step": 10, "epoch": 0.4, "loss/kd": 1.2, "weight/kd": 0.9, "total": 1.1,
+"lr": 1e-3, "samples_per_s": 5e3}` or `{"split": "eval", "step": 10, "accuracy": 0.93}`.
+Only the main process builds sinks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the file strictly valid
+    return v
+
+
+class JsonlLogger:
+    """Appends one JSON object per record to `out_dir/metrics.jsonl` (flushed per record)."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of `out_dir/metrics.jsonl` (an empty list when there is none)."""
+    p = Path(out_dir) / METRICS_FILE
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(out_dir: str | Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep only records with `step <= last_step` (on resume: drop what the checkpoint doesn't cover)."""
+    p = Path(out_dir) / METRICS_FILE
+    kept = [r for r in read_metrics(out_dir) if int(r.get("step", 0)) <= last_step]
+    if p.is_file():
+        tmp = p.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(p)
+    return kept
+
+
+class TensorBoardLogger:
+    """Scalars to `out_dir/tensorboard` as `train/<key>` and `eval/<key>`."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("TrainConfig(tensorboard=True) needs the `tensorboard` package: "
+                              "pip install tensorboard") from e
+        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        split, step = record.get("split", "train"), int(record.get("step", 0))
+        for k, v in _scalars(record):
+            self.writer.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+class MLflowLogger:
+    """Metrics to the active (or a new) MLflow run; keys prefixed `eval.` for evaluations."""
+
+    def __init__(self, out_dir: str | Path | None, params: Mapping[str, Any] | None = None) -> None:
+        try:
+            import mlflow
+        except ImportError as e:
+            raise ImportError("TrainConfig(mlflow=True) needs the `mlflow` package, which is not "
+                              "installed: pip install mlflow (or set mlflow=False)") from e
+        self.mlflow = mlflow
+        self._own_run = mlflow.active_run() is None
+        if self._own_run:
+            mlflow.start_run(run_name=Path(out_dir).name if out_dir else None)
+        if params:
+            mlflow.log_params({k: v for k, v in params.items() if v is not None})
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        prefix = "eval." if record.get("split") == "eval" else ""
+        metrics = {prefix + k.replace("/", "."): v for k, v in _scalars(record)}
+        self.mlflow.log_metrics(metrics, step=int(record.get("step", 0)))
+
+    def close(self) -> None:
+        if self._own_run:
+            self.mlflow.end_run()
+
+
+def _scalars(record: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
+    for k, v in record.items():
+        if k in ("split", "step") or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        yield k, float(v)
+
+
+class Progress:
+    """A tqdm bar over optimizer steps showing the latest loss terms; silent when disabled."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        self._shown = initial
+
+    def update(self, step: int, terms: Mapping[str, float] | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self._shown)
+        self._shown = step
+        if terms:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Loggers:
+    """Fans a record out to every sink."""
+
+    def __init__(self, sinks: list[Any]) -> None:
+        self.sinks = sinks
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        for s in self.sinks:
+            s.log(record)
+
+    def close(self) -> None:
+        for s in self.sinks:
+            s.close()
+
+
+def build_loggers(out_dir: str | Path | None, *, tensorboard: bool, mlflow: bool,
+                  params: Mapping[str, Any] | None = None) -> Loggers:
+    """The sinks a run asked for. TensorBoard needs an `out_dir`; metrics.jsonl is written whenever one is given."""
+    sinks: list[Any] = []
+    if out_dir is not None:
+        sinks.append(JsonlLogger(out_dir))
+        if tensorboard:
+            sinks.append(TensorBoardLogger(out_dir))
+    elif tensorboard:
+        raise ValueError("TrainConfig(tensorboard=True) needs an out_dir to write the event files to")
+    if mlflow:
+        sinks.append(MLflowLogger(out_dir, params))
+    return Loggers(sinks)
