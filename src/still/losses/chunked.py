@@ -1,0 +1,406 @@
+"""Chunked fused-linear distillation: the LLM token-level KD loss without any `(N, V)` tensor.
+
+    chunked_distill_loss(
+        student_hidden,            # (N, Hs) or (..., Hs): the student's final hidden states (before the lm-head)
+        student_head,              # (V, Hs) lm-head weight (Tensor, or an nn.Linear / module with .weight/.bias)
+        teacher_hidden=None,       # (N, Ht) teacher hidden states ...
+        teacher_head=None,         # (V, Ht) ... and lm-head weight (Tensor or module); the teacher gets no gradient
+        *,
+        student_bias=None, teacher_bias=None,   # (V,) optional
+        teacher_logits=None,       # or cached teacher logits (N, V)
+        teacher_topk=None,         # or a top-k teacher: (ids (N, k) int64, log-probs (N, k)) -> divergence sparse_topk_kl
+        labels=None,               # (N,) int64, ignore_index marks tokens that do not count; also the CE target
+        mask=None,                 # (N,) bool, True = token counts (combined with labels)
+        ignore_index=-100,
+        divergence="forward_kl",   # a name in still.losses.divergences.DIVERGENCES, or a DACKL module
+        divergence_params=None,    # e.g. {"beta": 0.5} for jsd; {"group_size": 256} for sinkhorn
+        temperature=1.0, scale_t2=False,
+        kd_weight=1.0, ce_weight=0.0,   # loss = kd_weight·KD + ce_weight·CE(student logits at T=1, labels)
+        num_valid=None,            # the normaliser: global count of valid tokens (default: the local count)
+        chunk_size=None,           # tokens per chunk (default: about 32 MiB of fp32 logits per chunk)
+        student_softcap=None, teacher_softcap=None,  # Gemma-style final logit soft-capping: cap·tanh(z/cap)
+        return_parts=False,        # also return {"kd": ..., "ce": ...} (detached, each already normalised)
+    ) -> Tensor (fp32 scalar)
+
+How it works. Valid tokens are gathered first (masked tokens cost nothing). For each chunk of tokens the
+student logits are computed into a reused buffer, the teacher logits under no_grad into another, and
+the *same row function* the dense divergences use (`still.losses.divergences`) is differentiated with
+`torch.autograd.grad` on that chunk only. The chunk's gradient is pushed through the head at once
+(grad_h = g·W, grad_W += gᵀ·h), so the chunk's logits die before the next chunk. The whole thing is an
+`autograd.Function`: the gradients are computed in the forward and only rescaled in the backward, so it
+sits inside any normal `loss.backward()`. bf16 inputs: GEMMs run in bf16, the loss in fp32, grad_W is
+accumulated in fp32. Chunking never changes the value (normalisation by the global count), except for
+the batch-wise `sinkhorn`, whose OT batch is the group of `group_size` valid tokens (dense: same
+`group_size` gives the same value).
+
+`chunked_kd` (registered loss, `LMDistillLoss`) wraps this for an Objective: the student view is either an
+object with `.hidden (B, T, Hs)` and `.weight (V, Hs)` (+ `.bias`, `.softcap`; e.g.
+`still.integrations.causal_lm.LMHeadOutputs`) or plain hidden states with the heads bound once by `.bind(...)`;
+the teacher view is the same, or cached logits, or a top-k pair (`.indices`/`.logprobs`, a dict or a tuple).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from still.losses.divergences import DACKL, NEG_FLOOR, get_divergence, valid_mask
+from still.registry import register_loss
+
+CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_size(vocab: int, n_tokens: int) -> int:
+    """Tokens per chunk: about `CHUNK_BYTES` of fp32 logits, a power of two in [16, 1024], ≤ n_tokens."""
+    c = 16
+    while c * 2 <= 1024 and (c * 2) * vocab * 4 <= CHUNK_BYTES:
+        c *= 2
+    return max(1, min(c, n_tokens))
+
+
+def _weight_bias(head: Any, bias: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if head is None:
+        return None, bias  # type: ignore[return-value]
+    if isinstance(head, torch.Tensor):
+        return head, bias
+    w = getattr(head, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name} must be a (V, H) tensor or a module with .weight, got {type(head).__name__}")
+    return w, bias if bias is not None else getattr(head, "bias", None)
+
+
+@dataclass
+class _Plan:
+    rows: Callable[..., torch.Tensor]
+    teacher_kind: str  # "hidden" | "logits" | "topk"
+    temperature: float
+    kd_scale: float
+    ce_scale: float
+    chunk: int
+    n_params: int
+    s_cap: float | None = None
+    t_cap: float | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _prep_(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-place `prepare_logits` for a no-grad teacher buffer (fp32 copy first if needed)."""
+    x = x if x.dtype == torch.float32 else x.float()
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x.clamp_min_(NEG_FLOOR)
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, idx: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None,
+                ht: torch.Tensor | None, wt: torch.Tensor | None, bt: torch.Tensor | None,
+                t_logits: torch.Tensor | None, t_ids: torch.Tensor | None, t_vals: torch.Tensor | None,
+                labels: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+        need = ctx.needs_input_grad
+        need_h, need_w, need_b = need[2], need[3], bs is not None and need[4]
+        need_p = [bool(x) for x in need[12:]]
+        grads_on = any([need_h, need_w, need_b, *need_p])
+        N, n = hs.shape[0], idx.numel()
+        dense = n == N
+
+        def take(x: torch.Tensor | None) -> torch.Tensor | None:
+            return x if x is None or dense else x.index_select(0, idx)
+
+        hs_v, ht_v, tl_v, ids_v, vals_v, lab_v = map(take, (hs, ht, t_logits, t_ids, t_vals, labels))
+        V, dtype, c = ws.shape[0], hs.dtype, plan.chunk
+        g_hs = torch.empty_like(hs_v) if need_h else None
+        g_w = torch.zeros(V, ws.shape[1], dtype=torch.float32, device=ws.device) if need_w else None
+        g_tmp = torch.empty(V, ws.shape[1], dtype=dtype, device=ws.device) if need_w and dtype != torch.float32 else None
+        g_b = torch.zeros(V, dtype=torch.float32, device=ws.device) if need_b else None
+        g_p = [torch.zeros_like(p) for p in params]
+        zs_buf = torch.empty(min(c, n), V, dtype=dtype, device=hs.device)
+        zt_buf = torch.empty(min(c, n), V, dtype=ht.dtype, device=ht.device) if plan.teacher_kind == "hidden" else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
+        wrt_params = [p for p, k in zip(params, need_p) if k]
+        for a in range(0, n, c):
+            m = min(c, n - a)
+            h = hs_v[a:a + m]
+            zs = torch.mm(h, ws.t(), out=zs_buf[:m])
+            if bs is not None:
+                zs.add_(bs)
+            if plan.teacher_kind == "hidden":
+                zt = torch.mm(ht_v[a:a + m], wt.t(), out=zt_buf[:m])
+                if bt is not None:
+                    zt.add_(bt)
+                if plan.t_cap:
+                    zt.div_(plan.t_cap).tanh_().mul_(plan.t_cap)
+                t: Any = _prep_(zt, plan.temperature)
+            elif plan.teacher_kind == "logits":
+                t = _prep_(tl_v[a:a + m].detach().clone() if tl_v.dtype == torch.float32 else tl_v[a:a + m].detach(),
+                           plan.temperature)
+            else:
+                t = (ids_v[a:a + m], vals_v[a:a + m].detach())
+            lab = None if lab_v is None else lab_v[a:a + m]
+            z = (zs.float() if dtype != torch.float32 else zs).detach().requires_grad_(grads_on)
+            with torch.enable_grad() if grads_on else torch.no_grad():
+                zc = torch.tanh(z / plan.s_cap) * plan.s_cap if plan.s_cap else z
+                s = zc.clamp_min(NEG_FLOOR)
+                if plan.temperature != 1.0:
+                    s = s / plan.temperature
+                kd = plan.rows(s, t, lab).sum()
+                loss = kd * plan.kd_scale
+                if plan.ce_scale:
+                    ce = F.cross_entropy(zc, lab, reduction="sum")
+                    loss = loss + ce * plan.ce_scale
+                    ce_sum += ce.detach()
+                kd_sum += kd.detach()
+                if grads_on:
+                    got = torch.autograd.grad(loss, [z, *wrt_params], allow_unused=True)
+            if not grads_on:
+                continue
+            g = got[0]
+            if need_h:
+                torch.mm(g.to(dtype), ws, out=g_hs[a:a + m])
+            if need_w:
+                if g_tmp is None:
+                    g_w.addmm_(g.t(), h)
+                else:
+                    g_w.add_(torch.mm(g.t().to(dtype), h, out=g_tmp))
+            if need_b:
+                g_b.add_(g.sum(0))
+            j = 1
+            for i, k in enumerate(need_p):
+                if k:
+                    if got[j] is not None:
+                        g_p[i].add_(got[j])
+                    j += 1
+            del got, g, z, zc, s, loss
+        plan.parts = {"kd": kd_sum * plan.kd_scale, "ce": ce_sum * plan.ce_scale}
+        ctx.plan_n, ctx.dense = N, dense
+        saved = [idx] + [x if x is not None else torch.empty(0) for x in (g_hs, g_w, g_b)] + g_p
+        ctx.save_for_backward(*saved)
+        ctx.flags = (need_h, need_w, need_b, need_p)
+        ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        return kd_sum * plan.kd_scale + ce_sum * plan.ce_scale
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        idx, g_hs, g_w, g_b, *g_p = ctx.saved_tensors
+        need_h, need_w, need_b, need_p = ctx.flags
+        dh, dw, db = ctx.dtypes
+        go = grad_out.float()
+        out_h = out_w = out_b = None
+        if need_h:
+            gh = (g_hs.float() * go).to(dh)
+            if ctx.dense:
+                out_h = gh
+            else:
+                out_h = gh.new_zeros(ctx.plan_n, gh.shape[1]).index_copy_(0, idx, gh)
+        if need_w:
+            out_w = (g_w * go).to(dw)
+        if need_b:
+            out_b = (g_b * go).to(db)
+        out_p = [(gp * go.to(gp.dtype)) if k else None for gp, k in zip(g_p, need_p)]
+        return (None, None, out_h, out_w, out_b, None, None, None, None, None, None, None, *out_p)
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    student_head: Any,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_head: Any = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_topk: Any = None,
+    labels: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    divergence: str | nn.Module = "forward_kl",
+    divergence_params: dict[str, Any] | None = None,
+    temperature: float = 1.0,
+    scale_t2: bool = False,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    num_valid: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Distillation loss from hidden states and lm-heads, chunked over tokens (see the module docstring)."""
+    ws, bs = _weight_bias(student_head, student_bias, "student_head")
+    wt, bt = _weight_bias(teacher_head, teacher_bias, "teacher_head")
+    if temperature <= 0:
+        raise ValueError(f"chunked_distill_loss: temperature must be > 0, got {temperature}")
+    Hs = student_hidden.shape[-1]
+    hs = student_hidden.reshape(-1, Hs)
+    N = hs.shape[0]
+    if ws.dim() != 2 or ws.shape[1] != Hs:
+        raise ValueError(f"student_head {tuple(ws.shape)} does not match student_hidden {tuple(student_hidden.shape)}: "
+                         f"want (V, {Hs})")
+    V = ws.shape[0]
+    params = dict(divergence_params or {})
+    kinds = [k for k, v in (("hidden", teacher_hidden), ("logits", teacher_logits), ("topk", teacher_topk)) if v is not None]
+    if len(kinds) != 1:
+        raise ValueError(f"give exactly one teacher: teacher_hidden+teacher_head, teacher_logits or teacher_topk (got {kinds})")
+    kind = kinds[0]
+    ht = t_logits = t_ids = t_vals = None
+    if kind == "hidden":
+        if wt is None:
+            raise ValueError("teacher_hidden needs teacher_head (V, Ht)")
+        ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+        if ht.shape[0] != N or wt.shape != (V, ht.shape[1]):
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} / teacher_head {tuple(wt.shape)} do not match "
+                             f"{N} student tokens and vocabulary {V} (align padded vocabularies with still.losses.vocab)")
+        ht, wt = ht.detach(), wt.detach()
+        bt = None if bt is None else bt.detach()
+    elif kind == "logits":
+        t_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        if t_logits.shape != (N, V):
+            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match ({N}, {V})")
+    else:
+        t_ids, t_vals = (teacher_topk["indices"], teacher_topk["values"]) if isinstance(teacher_topk, dict) else teacher_topk
+        t_ids, t_vals = t_ids.reshape(N, -1), t_vals.reshape(N, -1)
+    mod_params: list[torch.Tensor] = []
+    group = params.pop("group_size", None)
+    if isinstance(divergence, nn.Module):
+        if not hasattr(divergence, "rows"):
+            raise TypeError(f"divergence module {type(divergence).__name__} has no rows(s, t, labels) method")
+        if params:
+            raise TypeError(f"divergence_params {sorted(params)} cannot be given with a divergence module")
+        rows: Callable[..., torch.Tensor] = divergence.rows
+        mod_params = [p for p in divergence.parameters()]
+        batchwise, sparse = False, False
+    else:
+        div = get_divergence(divergence)
+        unknown = set(params) - set(div.params)
+        if unknown:
+            raise TypeError(f"divergence {div.name!r}: unknown parameter(s) {sorted(unknown)}; it takes {list(div.params)}")
+        rows = functools.partial(div.rows, **params) if params else div.rows
+        batchwise, sparse = div.batchwise, div.sparse_teacher
+    if sparse != (kind == "topk"):
+        raise ValueError(f"divergence {divergence!r} " + ("needs teacher_topk" if sparse else
+                         "needs a dense teacher (hidden states or logits); use 'sparse_topk_kl' for a top-k teacher"))
+    if ce_weight and labels is None:
+        raise ValueError("ce_weight > 0 needs labels")
+    lab = None if labels is None else labels.reshape(-1).to(hs.device).long()
+    valid = valid_mask((N,), hs.device, None if mask is None else mask.reshape(-1), lab, ignore_index)
+    idx = valid.nonzero().squeeze(1)
+    n = idx.numel()
+    count = n if num_valid is None else num_valid
+    count = max(float(count.item() if isinstance(count, torch.Tensor) else count), 1.0)
+    if batchwise:
+        chunk = int(group) if group else max(n, 1)
+    else:
+        chunk = int(chunk_size) if chunk_size else default_chunk_size(V, max(n, 1))
+    tscale = float(temperature) ** 2 if scale_t2 else 1.0
+    plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / count, ce_weight / count, max(chunk, 1),
+                 len(mod_params), student_softcap, teacher_softcap)
+    if n == 0:  # nothing counts: an exact zero that still back-propagates (zero gradients)
+        zero = hs.float().sum() * 0.0 + ws.float().sum() * 0.0 + sum((p.sum() * 0.0 for p in mod_params), 0.0)
+        return (zero, {"kd": zero.detach(), "ce": zero.detach()}) if return_parts else zero
+    out = _ChunkedDistill.apply(plan, idx, hs, ws, bs, ht, wt, bt, t_logits, t_ids, t_vals, lab, *mod_params)
+    return (out, plan.parts) if return_parts else out
+
+
+@register_loss("chunked_kd", paper="Hinton et al. (2015); chunked fused-linear form as in Liger-Kernel (Hsu et al., 2024)",
+               example=lambda: _lm_example(), shape_check="none")
+class LMDistillLoss(nn.Module):
+    """LLM token-level KD as an Objective term: `chunked_distill_loss` driven by views.
+
+    Student view: an object with `.hidden (B, T, Hs)` and `.weight (V, Hs)` (optional `.bias`, `.softcap`;
+    e.g. `LMHeadOutputs`), or hidden states `(B, T, Hs)` with the head bound by `bind(student_head=...)`.
+    Teacher view: the same (teacher gets no gradient), cached logits `(B, T, V)`, or a top-k teacher
+    (`.indices`/`.logprobs`, `{"indices", "values"}` or `(ids, log-probs)`, each `(B, T, k)`; divergence
+    "sparse_topk_kl"). Bound heads are *not* submodules, so the Objective neither re-optimises nor re-saves
+    them. `divergence` is a name (`forward_kl`, `jsd`, ...) or "dac_kl" (a trainable `DACKL` sub-module built
+    from `divergence_params`). Batch inputs: `labels (B, T)` aligned with the hidden states (shift them
+    before; `ignore_index` marks non-targets) and optional `mask (B, T)`. `ce_weight` adds the hard-label CE
+    in the same pass. `vocab_rows` compares only the first rows of both heads (padded vocabularies; see
+    `still.losses.vocab.align_vocab`).
+    """
+
+    def __init__(self, divergence: str = "forward_kl", divergence_params: dict[str, Any] | None = None,
+                 temperature: float = 1.0, scale_t2: bool = False, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                 ignore_index: int = -100, chunk_size: int | None = None, vocab_rows: int | None = None,
+                 student_head: Any = None, teacher_head: Any = None) -> None:
+        super().__init__()
+        self.divergence_params = dict(divergence_params or {})
+        self.dac = DACKL(**self.divergence_params) if divergence == "dac_kl" else None
+        if divergence != "dac_kl":
+            get_divergence(divergence)
+        self.divergence = divergence
+        self.temperature, self.scale_t2 = float(temperature), bool(scale_t2)
+        self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
+        self.ignore_index, self.chunk_size, self.vocab_rows = int(ignore_index), chunk_size, vocab_rows
+        self._heads: dict[str, Any] = {}
+        self.bind(student_head, teacher_head)
+
+    def bind(self, student_head: Any = None, teacher_head: Any = None) -> "LMDistillLoss":
+        """Attach lm-heads (`nn.Linear`, a module with `.weight`, or a `(V, H)` tensor). Returns self."""
+        if student_head is not None:
+            self._heads["student"] = student_head
+        if teacher_head is not None:
+            self._heads["teacher"] = teacher_head
+        return self
+
+    def _rows(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r = self.vocab_rows
+        if r is None:
+            return w, b
+        if r > w.shape[0]:
+            raise ValueError(f"chunked_kd: vocab_rows={r} exceeds a head with {w.shape[0]} rows")
+        return w[:r], None if b is None else b[:r]
+
+    def forward(self, student: Any, teacher: Any, labels: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, num_valid: int | torch.Tensor | None = None,
+                student_head: Any = None, teacher_head: Any = None) -> torch.Tensor:
+        """Views as in the class docstring; heads given here override bound ones."""
+        kw: dict[str, Any] = {}
+        if hasattr(student, "hidden") and hasattr(student, "weight"):
+            hs, (ws, bs) = student.hidden, (student.weight, getattr(student, "bias", None))
+            kw["student_softcap"] = getattr(student, "softcap", None)
+        else:
+            head = student_head if student_head is not None else self._heads.get("student")
+            if head is None:
+                raise RuntimeError("chunked_kd: the student view is hidden states but no student lm-head is bound "
+                                   "(loss.bind(student_head=model.lm_head)) and it has no .weight")
+            hs, (ws, bs) = student, _weight_bias(head, None, "student_head")
+        ws, bs = self._rows(ws, bs)
+        V = ws.shape[0]
+        t_head = teacher_head if teacher_head is not None else self._heads.get("teacher")
+        if hasattr(teacher, "hidden") and hasattr(teacher, "weight"):
+            wt, bt = self._rows(teacher.weight, getattr(teacher, "bias", None))
+            kw.update(teacher_hidden=teacher.hidden, teacher_head=wt, teacher_bias=bt,
+                      teacher_softcap=getattr(teacher, "softcap", None))
+        elif hasattr(teacher, "indices") and hasattr(teacher, "logprobs"):
+            kw["teacher_topk"] = (teacher.indices, teacher.logprobs)
+        elif isinstance(teacher, (list, tuple, dict)):
+            kw["teacher_topk"] = teacher
+        elif t_head is not None:
+            wt, bt = self._rows(*_weight_bias(t_head, None, "teacher_head"))
+            kw.update(teacher_hidden=teacher, teacher_head=wt, teacher_bias=bt)
+        else:
+            if teacher.shape[-1] < V:
+                raise RuntimeError(f"chunked_kd: teacher view {tuple(teacher.shape)} is not logits over V={V} and no "
+                                   "teacher lm-head is bound (loss.bind(teacher_head=...))")
+            kw["teacher_logits"] = teacher[..., :V]
+        params = {} if self.dac is not None else self.divergence_params
+        return chunked_distill_loss(
+            hs, ws, student_bias=bs, labels=labels, mask=mask, ignore_index=self.ignore_index,
+            divergence=self.dac if self.dac is not None else self.divergence, divergence_params=params,
+            temperature=self.temperature, scale_t2=self.scale_t2, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+            num_valid=num_valid, chunk_size=self.chunk_size, **kw)
+
+
+def _lm_example() -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    ht = torch.randn(2, 5, 12, generator=g)
+    student_head, teacher_head = nn.Linear(8, 17), nn.Linear(12, 17)
+    labels = torch.tensor([[1, 2, -100, 3, 4], [5, -100, 6, 7, 8]])
+    return (hs, ht), {"labels": labels, "student_head": student_head, "teacher_head": teacher_head}
