@@ -146,7 +146,9 @@ class Taps:
             mod = self._modules[name]
             if spec.input:
                 def pre_hook(m: nn.Module, args: tuple, kwargs: dict, _n: str = name) -> None:
-                    self._store(_n, args if args else tuple(kwargs.values()))
+                    inputs = args if args else tuple(kwargs.values())
+                    # "fc@input" is the first positional input; "fc@input[i]..." indexes the inputs.
+                    self._store(_n, inputs if self.specs[_n].keys or not inputs else inputs[0])
 
                 self._handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
             else:
