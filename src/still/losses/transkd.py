@@ -5,9 +5,8 @@
   `embed_weights = (0.1, 0.1, 0.5, 1.0)` for the 4 MiT stages. The Linear is the `patch_embed`
   adapter registered here; when the token counts differ (N_s ≠ N_t, e.g. another patch stride) it
   also resamples the token grid bilinearly (an extension: in TransKD B0 and B2 have equal N).
-- **HCL** (hierarchical context loss, from ReviewKD) for the feature maps:
-  `[MSE(f_s, f_t) + Σ_{l∈(4,2,1), l<H} 2^{-k}·MSE(pool_l f_s, pool_l f_t)] / (1 + Σ 2^{-k})`, summed over stages.
-  TransKD feeds it CSF-fused student maps; here each stage goes through its own adapter (conv1x1).
+The feature-map side of TransKD (CSF fusion + HCL, ReviewKD's hierarchical context loss) is the
+`transkd_csf` / `hcl` losses in `still.losses.dense`; the `transkd_pea` method combines them.
 """
 
 from __future__ import annotations
@@ -131,38 +130,4 @@ def pea(student: Tensors, teacher: Tensors, weights: Sequence[float] | None = No
     return total
 
 
-def _hcl_example() -> tuple[tuple, dict]:
-    g = torch.Generator().manual_seed(0)
-    s = [torch.randn(2, 3, 8, 8, generator=g, requires_grad=True), torch.randn(2, 4, 2, 2, generator=g, requires_grad=True)]
-    t = [torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 4, 2, 2, generator=g)]
-    return (s, t), {}
-
-
-@register_loss("hcl", paper="Chen, Liu, Zhao, Jia. Distilling Knowledge via Knowledge Review (CVPR 2021); used by "
-               "TransKD", shape_check="same", example=_hcl_example)
-def hcl(student: Tensors, teacher: Tensors, levels: Sequence[int] = (4, 2, 1)) -> torch.Tensor:
-    """Hierarchical context loss over maps `(B, C, H, W)` (or lists of them), summed over stages.
-
-    Per stage: [MSE(f_s, f_t) + Σ_k 2^{-k}·MSE(avgpool_l f_s, avgpool_l f_t)] / (1 + Σ_k 2^{-k}) over the
-    levels l < H, k counting the levels used (the ReviewKD code's `cnt /= 2`).
-    """
-    ss, ts = _list(student), _list(teacher)
-    if len(ss) != len(ts) or not ss:
-        raise ValueError(f"hcl: {len(ss)} student map(s) but {len(ts)} teacher map(s)")
-    total = _f(ss[0]).new_zeros(())
-    for s, t in zip(ss, ts):
-        if s.shape != t.shape or s.dim() != 4:
-            raise ValueError(f"hcl: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; need equal (B, C, H, W)")
-        s, t = _f(s), _f(t).to(s.device)
-        loss, cnt, tot = F.mse_loss(s, t), 1.0, 1.0
-        for lv in levels:
-            if lv >= s.shape[-2]:
-                continue
-            cnt /= 2.0
-            loss = loss + cnt * F.mse_loss(F.adaptive_avg_pool2d(s, lv), F.adaptive_avg_pool2d(t, lv))
-            tot += cnt
-        total = total + loss / tot
-    return total
-
-
-__all__ = ["PatchEmbedAdapter", "resample_tokens", "pea", "hcl", "stage_weights", "PAPER_EMBED_WEIGHTS"]
+__all__ = ["PatchEmbedAdapter", "resample_tokens", "pea", "stage_weights", "PAPER_EMBED_WEIGHTS"]

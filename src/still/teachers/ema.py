@@ -83,13 +83,15 @@ class EMATeacher(Teacher):
         # The EMA weights change every step, so this is recomputed (not cached).
         return f"ema{self.decay}:{weights_fingerprint(self.model)}"
 
-    def state_dict(self) -> dict[str, Any]:
-        """EMA weights + update count (for checkpoints)."""
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """EMA weights (`model.<name>`) + the update count, flat tensors (the engine saves them with safetensors)."""
+        sd = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        sd["num_updates"] = torch.tensor(self.num_updates, dtype=torch.long)
+        return sd
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.num_updates = int(state.get("num_updates", 0))
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        self.num_updates = int(state.get("num_updates", torch.tensor(0)))
 
     def to(self, device: torch.device | str) -> "EMATeacher":
         self.model.to(device)
