@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from torch import nn
 from still.engine import checkpoint as ckpt
 from still.engine.data import collate, make_loader, to_device
 from still.engine.logging import Progress, build_loggers, read_metrics, truncate_metrics
+from still import schedules
 from still.objective import NonFiniteLossError, Objective
 from still.taps import forward_with_views
 
@@ -68,6 +70,7 @@ class TrainConfig:
     mlflow: bool = False
     progress: bool = True
     find_unused_parameters: bool = False  # DDP: set when some trained parameters get no gradient
+    cpu: bool = False                     # train on the CPU even where an accelerator exists
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: Any) -> ValueError:
@@ -167,14 +170,12 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
 def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """`step -> multiplier of cfg.lr`: linear warm-up from 0 over `warmup_steps`, then the schedule
     (`still.schedules`: constant, linear to 0, cosine to 0, step decay) over the remaining steps."""
-    from still.registry import SCHEDULES
-
     warm = int(cfg.warmup_steps)
     shape = {
         "constant": lambda: None,
-        "linear": lambda: SCHEDULES.build("linear", start=1.0, end=0.0),
-        "cosine": lambda: SCHEDULES.build("cosine", start=1.0, end=0.0),
-        "step": lambda: SCHEDULES.build("step", milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma),
+        "linear": lambda: schedules.Linear(start=1.0, end=0.0),
+        "cosine": lambda: schedules.Cosine(start=1.0, end=0.0),
+        "step": lambda: schedules.Step(milestones=tuple(cfg.lr_milestones), gamma=cfg.lr_gamma),
     }[cfg.lr_schedule]()
     rest = max(total_steps - warm, 1)
 
@@ -361,19 +362,29 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision", cfg.mixed_precision) != cfg.mixed_precision:
         AcceleratorState._reset_state()
+    # accelerate only sets up multi-process CPU (gloo) when asked for the CPU explicitly
+    cpu = cfg.cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     return Accelerator(
+        cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters)],
         step_scheduler_with_optimizer=False,
     )
 
 
-def validate_first_batch(module: DistillModule, batch: Mapping[str, Any]) -> None:
+def validate_first_batch(module: DistillModule, batch: Mapping[str, Any], seed: int) -> None:
     """Student, teacher and `objective.validate` on one batch: materialises lazy adapters and raises
-    shape errors before the optimizer exists. Buffers (BatchNorm statistics, memory banks) are restored."""
+    shape errors before the optimizer exists.
+
+    It leaves no trace on training: buffers (BatchNorm statistics, memory banks) and the RNG are
+    restored, and adapters are initialised from `seed` alone (not from whatever RNG the forward used),
+    so a 2-process run and a 1-process run with the same global batch get the same adapters.
+    """
     saved = {n: b.detach().clone() for n, b in module.named_buffers()}
-    with torch.no_grad():
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         s_views, t_views = module.views(batch)
+        torch.manual_seed(seed)
         module.objective.validate(s_views, t_views, batch)
     buffers = dict(module.named_buffers())
     for n, b in saved.items():
@@ -420,7 +431,7 @@ def train(
     loader_args = dict(seed=cfg.seed, rank=accelerator.process_index, world_size=world,
                        num_batches=plan.batches_per_epoch, collate_fn=collate_fn or collate)
     first = next(iter(make_loader(train_data, cfg.batch_size, epoch=0, start=0, **loader_args)))
-    validate_first_batch(module, to_device(first, accelerator.device))
+    validate_first_batch(module, to_device(first, accelerator.device), cfg.seed)
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, plan.total_steps))
     model, optimizer = accelerator.prepare(module, optimizer)
