@@ -52,7 +52,7 @@ def divergence_rows(name: str, zs: torch.Tensor, zt: torch.Tensor, beta: float =
             return _kl_rows(ls, lt)
         m = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)
         return beta * _kl_rows(lt, m) + (1 - beta) * _kl_rows(ls, m)
-    if name == "tvd":
+    if name in ("tvd", "tv"):
         return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
     if name == "skew_kl":
         m = torch.logsumexp(torch.stack([lt + math.log(alpha), ls + math.log(1 - alpha)]), 0)
@@ -63,7 +63,7 @@ def divergence_rows(name: str, zs: torch.Tensor, zt: torch.Tensor, beta: float =
     raise KeyError(f"unknown divergence {name!r}; known: {', '.join(DIVERGENCES)}")
 
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "tv", "skew_kl", "skew_rkl")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +174,43 @@ def _fused_rows_loss(s: _Rows, t: _Rows | None, chunk_fn: Callable[..., torch.Te
     return _Fn.apply(*tensors)
 
 
+_ENGINE_NAMES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "jsd": "jsd", "tvd": "tv", "tv": "tv",
+                 "skew_kl": "skew_kl", "skew_rkl": "skew_rkl"}
+
+
+def _engine_kd(student: Any, teacher: Any, t: "_Rows | None", kd_valid: torch.Tensor, n_kd: torch.Tensor,
+               divergence: str, beta: float, alpha: float, temp: float, scale_t2: bool, kd_weight: float,
+               kd_rows: int | None, chunk_size: int, missing: str) -> torch.Tensor | None:
+    """The KD term through `still.losses.chunked.chunked_distill_loss` (None where it does not apply:
+    no teacher, a dense-logits student, or a top-k teacher with a divergence other than forward KL)."""
+    if t is None or t.kind == "dense" or divergence not in _ENGINE_NAMES:
+        return None
+    try:
+        from still.losses.chunked import chunked_distill_loss
+    except ImportError:  # pragma: no cover - the engine is part of still; the local path has the same maths
+        return None
+    name, params = _ENGINE_NAMES[divergence], {}
+    if name == "jsd":
+        params = {"beta": beta}
+    elif name in ("skew_kl", "skew_rkl"):
+        params = {"alpha": alpha}
+    r = kd_rows
+    ws = student.weight[:r]
+    bs = None if student.bias is None else student.bias[:r]
+    kw: dict[str, Any] = {"student_softcap": getattr(student, "softcap", None)}
+    if t.kind == "topk":
+        if name != "forward_kl":
+            return None
+        name, params = "sparse_topk_kl", {"missing": {"renormalize": "renormalise"}.get(missing, missing)}
+        kw["teacher_topk"] = (t.idx, t.lp)
+    else:
+        kw.update(teacher_hidden=t.h, teacher_head=t.w[:r], teacher_bias=None if t.b is None else t.b[:r],
+                  teacher_softcap=t.cap)
+    return chunked_distill_loss(student.hidden, ws, student_bias=bs, mask=kd_valid, divergence=name,
+                                divergence_params=params, temperature=temp, scale_t2=scale_t2, kd_weight=kd_weight,
+                                num_valid=n_kd, chunk_size=chunk_size, **kw)
+
+
 def _shifted_targets(n_pos: tuple[int, int], labels: torch.Tensor | None, attention_mask: torch.Tensor | None,
                      shift: bool, ignore_index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened `(B·T,)` next-token targets and the valid-position mask (last position invalid if shifted)."""
@@ -260,6 +297,12 @@ def lm_kd(student: Any, teacher: Any = None, labels: torch.Tensor | None = None,
         return loss
 
     if s.kind == "head":
+        engine = _engine_kd(student, teacher, t, kd_valid, n_kd, divergence, beta, alpha, temp, scale_t2,
+                            kd_weight, kd_rows, chunk_size, missing)
+        if engine is not None:  # KD through issue 3's chunked engine; CE (if any) in a local fused pass
+            if not ce_weight:
+                return engine
+            return engine + _fused_rows_loss(s, None, chunk_fn, chunk_size)
         return _fused_rows_loss(s, t, chunk_fn, chunk_size, missing=missing)
     zt = None
     if t is not None:
