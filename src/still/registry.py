@@ -88,7 +88,10 @@ class Registry:
                     obj.__module__,
                     obj.__qualname__,
                 ):
-                    raise ValueError(f"{self.kind} {key!r} is already registered by {prev!r}")
+                    raise ValueError(
+                        f"{self.kind} {key!r} is already registered by {prev.__module__}.{prev.__qualname__}; "
+                        f"{obj.__module__}.{obj.__qualname__} needs another name"
+                    )
             doc = description or (inspect.getdoc(obj) or "").strip().splitlines()
             desc = doc if isinstance(doc, str) else (doc[0] if doc else "")
             self._entries[key] = Entry(key, obj, desc, paper, dict(defaults or {}), meta)
@@ -202,6 +205,14 @@ def _ensure_loaded() -> None:
     if _loaded:
         return
     _loaded = True
+    try:
+        _import_plugins()
+    except BaseException:
+        _loaded = False  # a broken plugin fails every registry read, not just the first one
+        raise
+
+
+def _import_plugins() -> None:
     import importlib
     import pkgutil
 
