@@ -143,3 +143,14 @@ def test_nce_loss_formula_and_registry() -> None:
     assert float(nce_loss(p, 10)) == pytest.approx(ref, rel=1e-12)
     e = LOSSES.entry("crd")
     assert e.is_class and e.meta["shape_check"] == "batch" and e.paper
+
+
+def test_crd_under_bf16_autocast_scores_in_float32() -> None:
+    torch.manual_seed(0)
+    crd = CRDLoss(feat_dim=8, num_negatives=16)
+    s, t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v = crd(s, t, torch.arange(4))
+    assert v.dtype == torch.float32 and math.isfinite(float(v))
+    v.backward()
+    assert torch.isfinite(s.grad).all()

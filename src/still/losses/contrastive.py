@@ -118,6 +118,12 @@ class CRDLoss(nn.Module):
             self.to(student.device)
         self._grow(index)
         vs, vt = self.embed(student, teacher)
+        with torch.autocast(device_type=vs.device.type, enabled=False):  # exp(·/τ) wants float32 or better
+            return self._nce(vs if vs.dtype == torch.float64 else vs.float(),
+                             vt if vt.dtype == torch.float64 else vt.float(), index, contrast_index)
+
+    def _nce(self, vs: torch.Tensor, vt: torch.Tensor, index: torch.Tensor,
+             contrast_index: torch.Tensor | None) -> torch.Tensor:
         mem_s, mem_t = self.memory_s.to(vs.dtype), self.memory_t.to(vs.dtype)
         b = vs.shape[0]
         if contrast_index is None:
