@@ -24,16 +24,27 @@ if str(ROOT / "src") not in sys.path:
 from still.teachers.base import LiveTeacher  # noqa: E402
 
 
+def load_digits_array() -> "np.ndarray":
+    """scikit-learn's bundled digits (1797 x (64 pixels + label)), read from its CSV without importing
+    sklearn (a 3 s import on a busy machine; the subprocess tests start several writers)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    assert spec is not None and spec.submodule_search_locations, "scikit-learn is not installed"
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    return np.loadtxt(path, delimiter=",")
+
+
 class Digits(torch.utils.data.Dataset):
     """sklearn digits (8x8 -> 64 features), items {"x", "y", "index"}; `views` > 1 adds seeded noise views
     keyed by `view_id` = 1000 * v + 7 (item i is sample i // views, view i % views)."""
 
     def __init__(self, n: int = 96, views: int = 1) -> None:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        self.x = torch.tensor(d.data[:n], dtype=torch.float32) / 16.0
-        self.y = torch.tensor(d.target[:n], dtype=torch.long)
+        data = load_digits_array()
+        self.x = torch.tensor(data[:n, :64], dtype=torch.float32) / 16.0
+        self.y = torch.tensor(data[:n, 64], dtype=torch.long)
         self.views = views
 
     def __len__(self) -> int:

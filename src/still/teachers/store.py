@@ -267,6 +267,8 @@ def finalize_store(out: str | Path) -> Path:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(out / MANIFEST, manifest)
+    for tmp in out.glob(".shard-*.tmp-*"):  # temp files of writers killed mid-write: every shard is final now
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -355,7 +357,7 @@ class TeacherStore:
     def shard(self, s: int) -> MappedTensors:
         if s not in self._open:
             f = self.manifest["shards"][s]
-            if self.check == "first_use":
+            if self.check != "none":
                 self._verify_file(f)
             self._open[s] = MappedTensors(self.path / f["file"])
         return self._open[s]
