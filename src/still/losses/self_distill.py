@@ -84,7 +84,7 @@ def multi_exit_kd(student: Sequence[torch.Tensor], teacher: torch.Tensor, layers
     zs = _exits(student, "multi_exit_kd")
     w = exit_weights(len(zs), layers, depth, normalize)
     t = float(temperature)
-    q = F.softmax(teacher.detach().float().reshape(-1, teacher.shape[-1]) / t, dim=-1)
+    q = F.softmax(_exits(teacher.detach(), "multi_exit_kd")[0].reshape(-1, teacher.shape[-1]) / t, dim=-1)
     pairs = list(zip(w, zs))[:-1] if skip_last else list(zip(w, zs))
     if not pairs:
         return zs[0].sum() * 0.0
