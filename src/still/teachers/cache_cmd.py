@@ -56,7 +56,8 @@ def recipe_teacher(recipe: Any, runs_root: str | Path = "runs") -> tuple[Any, An
         raise StoreError("still cache: the recipe's teacher must be a model (teacher.model); "
                          f"it is {'a store' if spec is not None else 'absent'}")
     train = build_dataset(recipe.data, "train")
-    with tempfile.TemporaryDirectory() as run_dir:
+    with tempfile.TemporaryDirectory() as run_dir, torch.random.fork_rng():
+        torch.manual_seed(recipe.seed)  # an untrained teacher is then the same in every worker
         model, _, _ = prepare_teacher(recipe, train, None, Path(run_dir), Path(runs_root) / ".teachers",
                                       progress=False, log=_Log(None, quiet=True))
     parts = build_objective(recipe)
