@@ -196,7 +196,7 @@ def test_non_finite_term_stops_with_name_step_and_checkpoint(tmp_path: Path, val
     obj = Objective(obj.terms + [Term("bad_term", NonFiniteAfter(7, value), student="logits", teacher="logits")])
     cfg = TrainConfig(max_steps=20, batch_size=32, log_every=10, checkpoint_every=5, progress=False)
     with pytest.raises(NonFiniteLossError) as e:
-        train(student, obj, digits_kd.digits(), cfg, teacher=LiveTeacher(teacher, {"logits": ""}), out_dir=tmp_path)
+        train(student, obj, digits_kd.synthetic(), cfg, teacher=LiveTeacher(teacher, {"logits": ""}), out_dir=tmp_path)
     msg = str(e.value)
     assert "'bad_term'" in msg and "step 7" in msg, msg
     assert str(tmp_path / "checkpoints" / "last") in msg
@@ -210,7 +210,7 @@ def test_non_finite_without_out_dir_says_so() -> None:
     teacher, student = digits_kd.models(0, dropout=0.0)
     obj = Objective([Term("kd_nan", NonFiniteAfter(0, float("nan")), student="logits", teacher="logits")])
     with pytest.raises(NonFiniteLossError, match=r"'kd_nan'.*step 0.*no checkpoint"):
-        train(student, obj, digits_kd.digits(), TrainConfig(max_steps=3, batch_size=32, progress=False),
+        train(student, obj, digits_kd.synthetic(), TrainConfig(max_steps=3, batch_size=32, progress=False),
               teacher=LiveTeacher(teacher, {"logits": ""}))
 
 
@@ -276,7 +276,7 @@ def _accum_run(out: Path, batch_size: int, grad_accum: int, lr: float = 3e-3) ->
     obj = Objective(obj.terms + [Term("scaled", ScaledMSE(), student="logits", teacher="logits", weight=0.1)])
     cfg = TrainConfig(max_steps=12, batch_size=batch_size, grad_accum=grad_accum, lr=lr, clip_grad_norm=1.0,
                       log_every=1, checkpoint_every=6, progress=False)
-    train(student, obj, digits_kd.digits(), cfg, teacher=LiveTeacher(teacher, {"logits": "", "hidden": "1"}),
+    train(student, obj, digits_kd.synthetic(), cfg, teacher=LiveTeacher(teacher, {"logits": "", "hidden": "1"}),
           student_views={"logits": "", "hidden": "1"}, out_dir=out)
     return student, obj
 
@@ -293,7 +293,7 @@ def test_grad_accumulation_matches_a_double_batch_and_trains_objective_params(tm
         assert b["total"] == pytest.approx(a["total"], rel=1e-5)
     # objective parameters (the stateful loss's scale, the lazy adapter) are optimised: with lr -> 0 the
     # adapter keeps its seeded initial weights, with the real lr it moves away from them
-    assert float(o_acc.losses["scaled"].scale) != 1.0
+    assert float(o_acc.losses["scaled"].scale.detach()) != 1.0
     _, o_still = _accum_run(tmp_path / "still", 16, 2, lr=1e-12)
     w0 = o_still.state_dict()["adapters.hint.inner.weight"]
     assert not torch.allclose(w0, o_acc.state_dict()["adapters.hint.inner.weight"], atol=1e-4)

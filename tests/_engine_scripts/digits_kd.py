@@ -1,4 +1,4 @@
-"""A small KD run on sklearn digits, used by the engine tests as a subprocess (SIGKILL, DDP) and in-process.
+"""A small KD run (synthetic digits-shaped data, or sklearn digits), used by the engine tests as a subprocess (SIGKILL, DDP) and in-process.
 
     python digits_kd.py OUT_DIR [--resume] [--batch-size 16] [--steps 60] [--step-delay 0.05]
     torchrun --standalone --nproc_per_node 2 digits_kd.py OUT_DIR --batch-size 16
@@ -25,6 +25,15 @@ def digits() -> InMemoryDataset:
 
     d = load_digits()
     return InMemoryDataset(x=torch.tensor(d.data, dtype=torch.float32) / 16.0, y=torch.tensor(d.target))
+
+
+def synthetic(n: int = 768, seed: int = 1234) -> InMemoryDataset:
+    """Digits-shaped random data (64 features, 10 classes, labels from a fixed random linear map);
+    subprocess tests use it to skip importing scikit-learn (seconds on a busy machine)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 64, generator=g)
+    y = (x @ torch.randn(64, 10, generator=g)).argmax(-1)
+    return InMemoryDataset(x=x, y=y)
 
 
 def models(seed: int = 0, dropout: float = 0.1) -> tuple[nn.Module, nn.Module]:
@@ -78,13 +87,15 @@ class SlowCollate:
 
 
 def run(out_dir: str | None, resume: bool = False, batch_size: int = 32, steps: int = 40, step_delay: float = 0.0,
-        log_every: int = 1, checkpoint_every: int | None = 5, grad_accum: int = 1, seed: int = 0, dropout: float = 0.1) -> Any:
+        log_every: int = 1, checkpoint_every: int | None = 5, grad_accum: int = 1, seed: int = 0, dropout: float = 0.1,
+        data: str = "synthetic") -> Any:
+    """Train the KD run of this script; returns the TrainResult."""
     torch.set_num_threads(1)
     teacher_model, student = models(seed, dropout)
     cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=3e-3, optimizer="adamw", weight_decay=0.01,
                       lr_schedule="cosine", warmup_steps=3, log_every=log_every, checkpoint_every=checkpoint_every,
                       grad_accum=grad_accum, clip_grad_norm=5.0, seed=seed, progress=False)
-    return train(student, objective(), digits(), cfg,
+    return train(student, objective(), digits() if data == "digits" else synthetic(), cfg,
                  teacher=LiveTeacher(teacher_model, {"logits": "", "hidden": "1"}),
                  student_views={"logits": "", "hidden": "1"},
                  out_dir=out_dir, resume=resume, collate_fn=SlowCollate(step_delay) if step_delay else None)
@@ -98,8 +109,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--step-delay", type=float, default=0.0)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--data", choices=["synthetic", "digits"], default="synthetic")
     a = ap.parse_args()
-    run(a.out_dir, a.resume, a.batch_size, a.steps, a.step_delay, dropout=a.dropout)
+    run(a.out_dir, a.resume, a.batch_size, a.steps, a.step_delay, dropout=a.dropout, data=a.data)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,213 @@
+"""Unit tests of still.engine's pieces: sampler, LR schedule, config checks, RNG state, teacher hooks,
+loggers, set-up errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from still import LiveTeacher, Objective, Teacher, Term
+from still.engine import InMemoryDataset, RankBatchSampler, TrainConfig, train
+from still.engine import checkpoint as ckpt
+from still.engine.data import collate, epoch_permutation
+from still.engine.loop import Plan, lr_factor
+from still.losses.classic import hinton_kd
+from still.objective import ShapeMismatchError
+
+_spec = importlib.util.spec_from_file_location("digits_kd", Path(__file__).parent / "_engine_scripts" / "digits_kd.py")
+digits_kd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(digits_kd)
+
+
+def _kd_objective() -> Objective:
+    return Objective([Term("kd", partial(hinton_kd, temperature=2.0), student="logits", teacher="logits")])
+
+
+# -- sampler ------------------------------------------------------------------------------------------
+def test_rank_slices_tile_the_one_process_global_batches() -> None:
+    one = list(RankBatchSampler(103, 8, seed=3, epoch=2))
+    r0 = list(RankBatchSampler(103, 4, seed=3, epoch=2, rank=0, world_size=2))
+    r1 = list(RankBatchSampler(103, 4, seed=3, epoch=2, rank=1, world_size=2))
+    assert len(one) == len(r0) == len(r1) == 103 // 8  # the incomplete last batch is dropped
+    for b, a0, a1 in zip(one, r0, r1):
+        assert b == a0 + a1
+    flat = [i for b in one for i in b]
+    assert len(set(flat)) == len(flat) == 12 * 8
+
+
+def test_sampler_start_skips_exactly_the_done_batches_and_epochs_differ() -> None:
+    full = list(RankBatchSampler(50, 5, seed=0, epoch=1))
+    assert list(RankBatchSampler(50, 5, seed=0, epoch=1, start=4)) == full[4:]
+    assert len(RankBatchSampler(50, 5, seed=0, epoch=1, start=4)) == 6
+    assert not torch.equal(epoch_permutation(50, 0, 0), epoch_permutation(50, 0, 1))
+    assert torch.equal(epoch_permutation(50, 0, 1), epoch_permutation(50, 0, 1))
+    assert sorted(epoch_permutation(50, 7, 3).tolist()) == list(range(50))
+
+
+def test_in_memory_dataset_batched_fetch_and_collate() -> None:
+    ds = InMemoryDataset(x=torch.arange(12.0).reshape(6, 2), y=torch.arange(6))
+    one = ds[4]
+    assert one["x"].tolist() == [8.0, 9.0] and int(one["index"]) == 4
+    b = collate(ds.__getitems__([5, 1]))
+    assert b["x"].shape == (2, 2) and b["y"].tolist() == [5, 1] and b["index"].tolist() == [5, 1]
+    stacked = collate([ds[5], ds[1]])
+    assert all(torch.equal(stacked[k], b[k]) for k in b)
+    with pytest.raises(ValueError, match="differ in length"):
+        InMemoryDataset(x=torch.zeros(3), y=torch.zeros(4))
+
+
+def test_plan_counts_steps_and_refuses_too_little_data() -> None:
+    p = Plan.make(100, TrainConfig(batch_size=8, grad_accum=3, epochs=2), world=2)
+    assert (p.global_batch, p.steps_per_epoch, p.batches_per_epoch, p.total_steps) == (16, 2, 6, 4)
+    assert Plan.make(100, TrainConfig(batch_size=8, max_steps=50), world=1).total_steps == 50
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        Plan.make(10, TrainConfig(batch_size=8, grad_accum=2), world=1)
+
+
+# -- LR schedule and config --------------------------------------------------------------------------
+def test_lr_factor_warmup_then_shapes() -> None:
+    f = lr_factor(TrainConfig(lr_schedule="cosine", warmup_steps=10), 110)
+    assert [f(0), f(5), f(10)] == [0.0, 0.5, 1.0]
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
+    lin = lr_factor(TrainConfig(lr_schedule="linear"), 100)
+    assert lin(0) == 1.0 and lin(25) == pytest.approx(0.75)
+    step = lr_factor(TrainConfig(lr_schedule="step", lr_milestones=(0.5, 0.75), lr_gamma=0.1), 100)
+    assert [step(10), step(50), step(80)] == pytest.approx([1.0, 0.1, 0.01])
+    assert lr_factor(TrainConfig(), 100)(99) == 1.0
+
+
+def test_the_scheduler_drives_the_optimizer_lr(tmp_path: Path) -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    cfg = TrainConfig(max_steps=8, batch_size=32, lr=0.1, optimizer="sgd", lr_schedule="linear", warmup_steps=2,
+                      log_every=1, progress=False)
+    res = train(student, _kd_objective(), digits_kd.synthetic(), cfg, teacher=LiveTeacher(teacher, {"logits": ""}))
+    f = lr_factor(cfg, 8)
+    assert [r["lr"] for r in res.history] == pytest.approx([0.1 * f(s) for s in range(8)])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("optimizer", "lion", "adamw | adam | sgd"), ("lr_schedule", "poly", "constant"),
+    ("mixed_precision", "fp8", "bf16"), ("best_mode", "up", "max"), ("grad_accum", 0, ">= 1"),
+    ("eval_every", 0, "None or an integer"), ("lr", 0.0, "positive"),
+])
+def test_config_rejects_bad_values_naming_the_field(field: str, value: object, match: str) -> None:
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field}=.*{match}"):
+        TrainConfig(**{field: value})
+
+
+# -- RNG state --------------------------------------------------------------------------------------
+def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    want = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.standard_normal(3), np.random.rand(2), random.random())
+    assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and np.array_equal(want[2], got[2])
+    assert want[3] == got[3]
+
+
+# -- teacher hooks and teacher state ------------------------------------------------------------------
+class EmaSelfTeacher(Teacher):
+    """Self-distillation through the hooks: reads the student's views, updates an EMA after each step."""
+
+    uses_student_views = True
+
+    def __init__(self) -> None:
+        self.view_specs = {"logits": ""}
+        self.ema = torch.zeros(10)
+        self.calls = {"views": 0, "after_step": 0}
+
+    def views(self, batch, names, student_views=None):
+        assert student_views is not None and "logits" in student_views
+        self.calls["views"] += 1
+        return {"logits": student_views["logits"].detach() * 0.5 + self.ema}
+
+    def after_step(self, student: nn.Module) -> None:
+        self.calls["after_step"] += 1
+        self.ema = 0.9 * self.ema + 0.1 * student[-1].bias.detach()
+
+    def fingerprint(self) -> str:
+        return "ema"
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"ema": self.ema.clone()}
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.ema = sd["ema"].clone()
+
+
+def test_teacher_hooks_and_teacher_state_in_the_checkpoint(tmp_path: Path) -> None:
+    _, student = digits_kd.models(0, dropout=0.0)
+    t = EmaSelfTeacher()
+    cfg = TrainConfig(max_steps=6, batch_size=32, progress=False)
+    train(student, _kd_objective(), digits_kd.synthetic(), cfg, teacher=t, out_dir=tmp_path)
+    assert t.calls["after_step"] == 6
+    assert t.calls["views"] == 6 + 1  # one validation batch, then one per step
+    saved = ckpt.load_tensors(tmp_path / "checkpoints" / "last", "teacher")
+    assert saved is not None and torch.equal(saved["ema"], t.ema) and t.ema.abs().sum() > 0
+    t2 = EmaSelfTeacher()
+    _, student2 = digits_kd.models(0, dropout=0.0)
+    train(student2, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=8, batch_size=32, progress=False),
+          teacher=t2, out_dir=tmp_path, resume=True)
+    assert t2.calls["after_step"] == 2  # resumed at step 6, with the saved EMA
+
+
+# -- set-up errors, before any training --------------------------------------------------------------
+def test_setup_errors_surface_before_the_first_step() -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    data, lt = digits_kd.synthetic(), LiveTeacher(teacher, {"logits": "", "hidden": "1"})
+    cfg = TrainConfig(max_steps=2, batch_size=32, progress=False)
+    hint = Objective([Term("hint", digits_kd.mse, student="hidden", teacher="hidden", shape_check="same")])
+    with pytest.raises(ShapeMismatchError, match="hint.*32.*96"):
+        train(student, hint, data, cfg, teacher=lt, student_views={"hidden": "1"})
+    with pytest.raises(ValueError, match=r"student view\(s\) \['hidden'\]"):
+        train(student, hint, data, cfg, teacher=lt, student_views={"logits": ""})
+    with pytest.raises(ValueError, match="no teacher was given"):
+        train(student, _kd_objective(), data, cfg)
+    with pytest.raises(ValueError, match="resume=True needs the out_dir"):
+        train(student, _kd_objective(), data, cfg, teacher=lt, resume=True)
+
+
+def test_resume_refuses_a_different_global_batch(tmp_path: Path) -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    lt = LiveTeacher(teacher, {"logits": ""})
+    train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=3, batch_size=32, progress=False),
+          teacher=lt, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="global_batch=32.*global_batch=16"):
+        train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=6, batch_size=16, progress=False),
+              teacher=lt, out_dir=tmp_path, resume=True)
+
+
+# -- loggers and precision ------------------------------------------------------------------------------
+def test_tensorboard_event_files_and_mlflow_error(tmp_path: Path) -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    lt = LiveTeacher(teacher, {"logits": ""})
+    train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=3, batch_size=32, progress=False,
+          log_every=1, tensorboard=True), teacher=lt, out_dir=tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    if importlib.util.find_spec("mlflow") is None:
+        with pytest.raises(ImportError, match="mlflow.*not installed"):
+            train(student, _kd_objective(), digits_kd.synthetic(),
+                  TrainConfig(max_steps=1, batch_size=32, progress=False, mlflow=True), teacher=lt)
+
+
+def test_bf16_autocast_run_is_finite_and_learns() -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    res = train(student, _kd_objective(), digits_kd.synthetic(),
+                TrainConfig(max_steps=20, batch_size=32, lr=1e-2, log_every=1, progress=False, mixed_precision="bf16"),
+                teacher=LiveTeacher(teacher, {"logits": ""}))
+    totals = [r["total"] for r in res.history]
+    assert all(math.isfinite(v) for v in totals) and totals[-1] < totals[0]
+    # the next fp32 run in the same process is not blocked by accelerate's global state
+    res = train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=2, batch_size=32, progress=False),
+                teacher=LiveTeacher(teacher, {"logits": ""}))
+    assert res.steps == 2
