@@ -172,14 +172,16 @@ def _lr_lambda(cfg: LMDistillConfig) -> Callable[[int], float]:
 
 def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teacher | None = None,
              collate: Callable | None = None, to_teacher_ids: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             to_student_ids: Callable[[torch.Tensor], torch.Tensor] | None = None, ddk_eval: Any = None, span_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             to_student_ids: Callable[[torch.Tensor], torch.Tensor] | None = None, ddk_eval: Any = None,
+             ddk_teacher_ppl: Sequence[float] | None = None, span_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
              log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `student` on `data` (LMBlocks) for `cfg.steps` steps; returns timings, losses and DDK weights.
 
     `teacher`: a still Teacher serving "lm" (live, `CausalLMTeacher`) or "topk" (`TopKCacheTeacher`);
     None trains from scratch (CE only). `to_teacher_ids` maps student ids to the teacher's (sub-vocabulary
     students) for generated sequences, `to_student_ids` the reverse (seq-KD); `ddk_eval` (LMBlocks) is DDK's per-domain validation set;
-    `span_fn(input_ids) -> span_ids` gives the span loss its spans.
+    `ddk_teacher_ppl` its teacher perplexities per domain (needed when `teacher` is a store, which cannot
+    score text); `span_fn(input_ids) -> span_ids` gives the span loss its spans.
     """
     collate = collate or default_collate
     torch.manual_seed(cfg.seed)
@@ -192,7 +194,7 @@ def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teach
     domains = getattr(data, "domain_ids", None)
     n_dom = len(getattr(data, "domains", [0]))
     sampler = DDKSampler(n_dom, cfg.ddk_alpha, cfg.seed) if cfg.ddk else None
-    teacher_ppl: list[float] | None = None
+    teacher_ppl: list[float] | None = list(ddk_teacher_ppl) if ddk_teacher_ppl is not None else None
     by_dom = [torch.nonzero(domains == d).flatten().tolist() for d in range(n_dom)] if domains is not None else None
     order: list[int] = []
     losses, step_times, on_policy_steps, corrected = [], [], 0, 0
@@ -203,6 +205,8 @@ def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teach
             if ddk_eval is None:
                 raise ValueError("DDK needs ddk_eval (a per-domain validation LMBlocks)")
             if teacher_ppl is None:
+                if teacher is None or "lm" not in teacher.view_specs:
+                    raise ValueError("DDK with a store teacher needs ddk_teacher_ppl (the teacher's per-domain ppl)")
                 tp = lm_perplexity(teacher_head_fn(teacher), ddk_eval, collate, cfg.kd_rows)
                 teacher_ppl = [tp[d] for d in ddk_eval.domains]
             sp = lm_perplexity(student_head_fn(student), ddk_eval, collate, cfg.kd_rows)

@@ -1,0 +1,241 @@
+"""LLM distillation on real text: distilled vs scratch students, divergences, on-policy, DDK, store vs live.
+
+    python benchmarks/llm_distill.py --quick     # < 60 s: byte-level teacher trained here (no model files)
+    python benchmarks/llm_distill.py             # Gemma-3-270M teacher (still[llm-gemma]), KJV/fortunes/
+                                                 # WordNet/pydoc, sub-vocabulary head, top-k cache on disk
+
+Every student has ≤ 1/10 of the teacher's parameters and the same token budget (steps × batch × block).
+Perplexities are on held-out blocks of each domain over the distillation support (the sub-vocabulary,
+in-vocabulary targets; the quick run has the full byte vocabulary). The run directory
+(`runs/llm_distill/<time>/`) gets `report.json` and `samples.md` (greedy generations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from still.bench import emit_json, fmt_mean_std, markdown_table, mean_std, write_section  # noqa: E402
+from still.data.lm_text import ByteTokenizer, DOMAINS, LMBlocks, available_domains, domain_blocks  # noqa: E402
+from still.integrations.causal_lm import (CausalLMTeacher, SubVocab, SubVocabCollate, num_parameters,  # noqa: E402
+                                          student_from_config, tokenizer_hash)
+from still.integrations.lm_loop import (TopKCacheTeacher, lm_perplexity, record_topk, sample_generations,  # noqa: E402
+                                        student_head_fn, teacher_head_fn, train_lm)
+from still.losses.llm_span import word_span_ids, word_starts_from_tokenizer  # noqa: E402
+from still.methods.llm import LMDistillConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _split_val(train: LMBlocks, per_domain: int) -> tuple[LMBlocks, LMBlocks]:
+    """Carve DDK's per-domain validation blocks off the end of each domain's training blocks."""
+    val, rest = [], []
+    for d in range(len(train.domains)):
+        idx = train.domain_indices(d).tolist()
+        val += idx[-per_domain:]
+        rest += idx[:-per_domain]
+    return train.select(sorted(rest)), train.select(sorted(val))
+
+
+def setup(quick: bool, out: Path) -> dict:
+    domains = [d for d in DOMAINS if d in available_domains()]
+    if quick:
+        tok = ByteTokenizer()
+        block, chars = 64, 12_000
+        train = domain_blocks(domains, tok, "train", block, chars)
+        test = domain_blocks(domains, tok, "test", block, 3_000, max_blocks=8)
+        tcfg = dict(model_type="llama", vocab_size=259, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+        tmodel = student_from_config(tcfg, seed=123)
+        t0 = time.perf_counter()
+        train_lm(tmodel, train, LMDistillConfig(steps=120, lr=4e-3, ce_weight=1.0, kd_weight=0.0, batch_size=16))
+        teacher_info = {"name": "byte-level Llama trained here (CE, 120 steps)", "train_s": time.perf_counter() - t0}
+        print(f"teacher trained in {teacher_info['train_s']:.1f} s", file=sys.stderr, flush=True)
+        scfg = {**tcfg, "hidden_size": 24, "intermediate_size": 64, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "num_key_value_heads": 2}
+        teacher = CausalLMTeacher(tmodel, topk=16, tokenizer=tok)
+        return dict(tok=tok, domains=domains, train=train, test=test, teacher=teacher, tmodel=tmodel, scfg=scfg,
+                    collate=None, kd_rows=259, sub=None, to_t=None, to_s=None, decode=tok.decode, k=16,
+                    teacher_info=teacher_info, allowed=256, block=block)
+    from still.integrations.causal_lm import GEMMA_NOTICE, load_gemma3_270m
+
+    t0 = time.perf_counter()
+    tmodel, tok = load_gemma3_270m()
+    torch.manual_seed(0)
+    load_s = time.perf_counter() - t0
+    block = 64
+    train_full = domain_blocks(domains, tok, "train", block, int(os.environ.get("LLM_TRAIN_CHARS", 40_000)))
+    test_full = domain_blocks(domains, tok, "test", block, 6_000, max_blocks=12)
+    sub = SubVocab.from_corpus(train_full.blocks, len(tok), always=[tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
+                               unk_full=tok.unk_token_id if tok.unk_token_id is not None else 0)
+    t1 = time.perf_counter()
+    sub.measure_dropped_mass(tmodel, test_full.blocks[::3][:4])
+    teacher = CausalLMTeacher(tmodel, rows=sub.ids, topk=32, tokenizer=tok)
+    K = len(sub.ids)
+    scfg = dict(model_type="llama", vocab_size=K + 1, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
+    info = {"name": "Gemma-3-270M (GGUF Q4_K_M dequantised to fp32)", "load_s": load_s, "licence": GEMMA_NOTICE,
+            "sub_vocab": K, "dropped_mass": sub.dropped_mass, "dropped_mass_s": time.perf_counter() - t1,
+            "tokenizer_hash": tokenizer_hash(tok)}
+    return dict(tok=tok, domains=domains, train=train_full, test=test_full, teacher=teacher, tmodel=tmodel, scfg=scfg,
+                collate=SubVocabCollate(sub), kd_rows=K, sub=sub, to_t=sub.decode, to_s=sub.encode,
+                decode=lambda ids: tok.decode(sub.decode(ids)), k=32, teacher_info=info, allowed=K, block=block)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    a = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("LLM_THREADS", 2)))
+    t_start = time.perf_counter()
+    out = ROOT / "runs" / "llm_distill" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    S = setup(a.quick, out)
+    steps = a.steps or (40 if a.quick else 150)
+    bs = 8
+    train, val = _split_val(S["train"], 2 if a.quick else 3)
+    test, collate, kd_rows = S["test"], S["collate"], S["kd_rows"]
+    teacher: CausalLMTeacher = S["teacher"]
+    t_params = num_parameters(S["tmodel"])
+    ws = word_starts_from_tokenizer(S["tok"], S["sub"].ids if S["sub"] is not None else None)
+    span_fn = lambda ids: word_span_ids(ids, ws)  # noqa: E731
+    base = dict(steps=steps, batch_size=bs, lr=2e-3, kd_rows=kd_rows, allowed_gen_rows=S["allowed"],
+                prompt_len=16, gen_len=16 if a.quick else 24, warmup_steps=max(2, steps // 20))
+
+    # the teacher: held-out perplexity, then its top-k recorded once
+    tp = lm_perplexity(teacher_head_fn(teacher), test, collate, kd_rows)
+    cache = Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still")) / "llm_topk" / (
+        f"{teacher.fingerprint()}-{train.fingerprint()}-k{S['k']}")
+    t0 = time.perf_counter()
+    cached = (cache / "manifest.json").exists()
+    if not cached:
+        record_topk(teacher, train, cache, k=S["k"], collate=collate, batch_size=8)
+    record_s = time.perf_counter() - t0 if not cached else json.loads((cache / "manifest.json").read_text())["seconds"]
+    store = TopKCacheTeacher(cache, teacher.fingerprint(), train.fingerprint())
+    print(f"[{time.perf_counter() - t_start:6.0f}s] teacher ppl {tp['all']:.2f}; top-k recorded in {record_s:.1f} s",
+          file=sys.stderr, flush=True)
+
+    vp = lm_perplexity(teacher_head_fn(teacher), val, collate, kd_rows)
+    val_tppl = [vp[d] for d in val.domains]
+    runs: dict[str, dict] = {}
+
+    def run(name: str, seed: int, teacher_obj, **kw) -> dict:
+        st = student_from_config(S["scfg"], seed=seed)
+        cfg = LMDistillConfig(**{**base, "seed": seed, **kw})
+        r = train_lm(st, train, cfg, teacher=teacher_obj, collate=collate, to_teacher_ids=S["to_t"],
+                     to_student_ids=S["to_s"], ddk_eval=val, ddk_teacher_ppl=val_tppl, span_fn=span_fn)
+        r["ppl"] = lm_perplexity(student_head_fn(st), test, collate, kd_rows)
+        r["model"] = st
+        runs[f"{name}/{seed}"] = r
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {name} seed {seed}: ppl {r['ppl']['all']:.2f} "
+              f"step {r['median_step_s']:.3f}s", file=sys.stderr, flush=True)
+        return r
+
+    seeds = list(range(a.seeds))
+    for s in seeds:
+        run("scratch", s, None, kd_weight=0.0, ce_weight=1.0)
+        run("fkl", s, store, divergence="forward_kl")
+    run("rkl", 0, store, divergence="reverse_kl")
+    run("jsd", 0, store, divergence="jsd", beta=0.5)
+    run("gkd", 0, teacher, divergence="jsd", beta=0.5, on_policy=0.5)
+    run("scrg", 0, teacher, divergence="forward_kl", scrg=True, on_policy=0.5, span_weight=1.0)
+    run("uniform", 0, store, kd_weight=0.2, ce_weight=1.0)
+    run("ddk", 0, store, kd_weight=0.2, ce_weight=1.0, ddk=True, ddk_every=max(5, steps // 6))
+    run("live", 0, teacher, divergence="forward_kl")
+    s_params = num_parameters(runs["scratch/0"]["model"])
+
+    # ---- tables --------------------------------------------------------------------------------------
+    doms = S["domains"] + ["all"]
+    rows = []
+    for d in doms:
+        sc = [runs[f"scratch/{s}"]["ppl"][d] for s in seeds]
+        di = [runs[f"fkl/{s}"]["ppl"][d] for s in seeds]
+        rows.append([d, f"{tp[d]:.2f}", fmt_mean_std(sc, 2), fmt_mean_std(di, 2),
+                     "yes" if mean_std(di)[0] < mean_std(sc)[0] else "no"])
+    t1 = markdown_table(["domain", "teacher", f"scratch ({len(seeds)} seeds)", f"distilled FKL ({len(seeds)} seeds)",
+                         "distilled < scratch"], rows)
+    meth = [("forward KL (store)", "fkl/0"), ("reverse KL (store)", "rkl/0"), ("JSD(0.5) (store)", "jsd/0"),
+            ("GKD on-policy λ=0.5, JSD(0.5) (live)", "gkd/0"), ("SCRG + span, λ=0.5 (live)", "scrg/0")]
+    t2 = markdown_table(["method", *doms, "s/step", "on-policy steps", "SCRG corrections"],
+                        [[m, *[f"{runs[k]['ppl'][d]:.2f}" for d in doms], f"{runs[k]['median_step_s']:.3f}",
+                          runs[k]["on_policy_steps"], runs[k]["scrg_corrected"]] for m, k in meth])
+    worst = {k: max(runs[k]["ppl"][d] for d in S["domains"]) for k in ("uniform/0", "ddk/0")}
+    wdom = {k: max(S["domains"], key=lambda d: runs[k]["ppl"][d]) for k in worst}
+    t3 = markdown_table(["sampler", *doms, "worst domain", "final domain weights"],
+                        [[n, *[f"{runs[k]['ppl'][d]:.2f}" for d in doms], f"{wdom[k]} {worst[k]:.2f}",
+                          ", ".join(f"{x:.2f}" for x in (runs[k]["ddk_weights"] or [[1 / len(S['domains'])] * len(S['domains'])])[-1])]
+                         for n, k in (("uniform", "uniform/0"), ("DDK", "ddk/0"))])
+    t4 = markdown_table(["teacher signal", "median s/step", "ppl (all)", "one-off cost"],
+                        [["live teacher (fused sub-vocab head)", f"{runs['live/0']['median_step_s']:.3f}",
+                          f"{runs['live/0']['ppl']['all']:.2f}", "-"],
+                         [f"top-{S['k']} store (disk)", f"{runs['fkl/0']['median_step_s']:.3f}",
+                          f"{runs['fkl/0']['ppl']['all']:.2f}", f"record {record_s:.0f} s once" + (" (cached by an earlier run)" if cached else "")],
+                         ["no teacher (scratch)", f"{runs['scratch/0']['median_step_s']:.3f}",
+                          f"{runs['scratch/0']['ppl']['all']:.2f}", "-"]])
+    # throughput and generations
+    speed = {"teacher": tp["tokens_per_s"], "student": runs["fkl/0"]["ppl"]["tokens_per_s"]}
+    prompts = torch.stack([test[int(test.domain_indices(d)[0])]["input_ids"][: base["prompt_len"]] for d in S["domains"]])
+    gens = {}
+    if S["sub"] is not None:
+        gens["teacher"] = sample_generations(S["tmodel"], prompts, S["tok"].decode, 20, rows=S["sub"].ids)
+        sp = S["sub"].encode(prompts)
+    else:
+        gens["teacher"] = sample_generations(S["tmodel"], prompts, S["decode"], 20, allowed_rows=S["allowed"])
+        sp = prompts
+    for k in ("scratch/0", "fkl/0", "gkd/0", "scrg/0"):
+        gens[k] = sample_generations(runs[k]["model"], sp, S["decode"], 20, allowed_rows=S["allowed"])
+    info = S["teacher_info"]
+    tokens = steps * bs * S["block"]
+    head = (f"Teacher: {info['name']}, {t_params / 1e6:.2f}M parameters; student: Llama "
+            f"{S['scfg']['num_hidden_layers']}×{S['scfg']['hidden_size']}, {s_params / 1e6:.2f}M parameters "
+            f"(ratio {s_params / t_params:.3f}); budget {steps} steps × {bs} × {S['block']} tokens = {tokens:,} tokens "
+            f"per student; domains {', '.join(S['domains'])}; {len(train)} training blocks, {len(test)} held-out.")
+    if S["sub"] is not None:
+        head += (f" Sub-vocabulary: {info['sub_vocab']:,} ids of {len(S['tok']):,} (the training corpus's tokens); "
+                 f"teacher mass outside it {100 * info['dropped_mass']:.1f}% (measured on held-out blocks); "
+                 f"perplexities are over the sub-vocabulary (in-vocab targets).")
+    md = "\n\n".join([
+        head,
+        "**Distilled vs scratch** (held-out perplexity, mean ± std over seeds; forward KL + 0.5 CE from the top-k store):\n\n" + t1,
+        "**Divergences and on-policy methods** (seed 0, same steps and data):\n\n" + t2,
+        "**DDK vs uniform domain sampling** (CE + 0.2·KL, seed 0):\n\n" + t3,
+        "**Store vs live teacher** (forward KL + 0.5 CE, seed 0):\n\n" + t4,
+        f"Throughput (held-out forward): teacher {speed['teacher']:.0f} tok/s, student {speed['student']:.0f} tok/s. "
+        f"Total wall time {time.perf_counter() - t_start:.0f} s. Generations: `{out.relative_to(ROOT)}/samples.md` "
+        "(runs/ is not committed; a sample is below).",
+        "Sample (greedy, 20 tokens): " + "; ".join(
+            f"**{k}**: “{gens[k][0]['prompt']}” → “{gens[k][0]['continuation']}”" for k in ("teacher", "scratch/0", "fkl/0")),
+    ])
+    report = {"teacher": info, "teacher_ppl": tp, "params": {"teacher": t_params, "student": s_params},
+              "steps": steps, "tokens_per_student": tokens, "record_s": record_s, "speed": speed,
+              "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("model", "losses", "step_times")}
+                       for k, v in runs.items()}, "generations": gens}
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    (out / "samples.md").write_text("\n".join(
+        f"## {k}\n\n" + "\n".join(f"- “{g['prompt']}” → “{g['continuation']}”" for g in v) + "\n" for k, v in gens.items()))
+    if not a.no_write:
+        write_section("LLM distillation" + (" (quick)" if a.quick else ""), md)
+    print(md, file=sys.stderr)
+    emit_json({"quick": a.quick, "params_ratio": s_params / t_params, "teacher_ppl": tp["all"],
+               "scratch_ppl": mean_std([runs[f"scratch/{s}"]["ppl"]["all"] for s in seeds])[0],
+               "distilled_ppl": mean_std([runs[f"fkl/{s}"]["ppl"]["all"] for s in seeds])[0],
+               "distilled_beats_scratch_all_domains": all(r[-1] == "yes" for r in rows),
+               **{f"{k.split('/')[0]}_ppl": runs[k]["ppl"]["all"] for k in ("rkl/0", "jsd/0", "gkd/0", "scrg/0")},
+               "uniform_worst": worst["uniform/0"], "ddk_worst": worst["ddk/0"],
+               "live_s_per_step": runs["live/0"]["median_step_s"], "store_s_per_step": runs["fkl/0"]["median_step_s"],
+               "seconds": time.perf_counter() - t_start})
+
+
+if __name__ == "__main__":
+    main()
