@@ -124,3 +124,23 @@ def test_size_within_issue_bound(vocab: int, k: int, quant: str) -> None:
     # and the fields really have that many bytes
     enc = encode_view(spec, torch.randn(2, 16, vocab))
     assert sum(v.numel() * v.element_size() for v in enc.values()) == 2 * spec.bytes_per_row()
+
+
+def test_topk_logits_feed_the_sparse_kl_loss() -> None:
+    """The store's TopKLogits is the (indices, logprobs) pair `sparse_topk_kl` takes; with missing="uniform" its
+    value and gradient equal the dense KL to `TopKLogits.dense("uniform")` (same maths, sparse and dense)."""
+    from still.registry import LOSSES
+
+    torch.manual_seed(2)
+    x, s = torch.randn(3, 4, 50) * 2, torch.randn(3, 4, 50, requires_grad=True)
+    spec = ViewSpec("l", (4, 50), dtype="float32", k=6)
+    tk = decode_view(spec, _np(encode_view(spec, x)))
+    idx, lp = tk
+    assert idx is tk.indices and lp is tk.logprobs and len(tk) == 2
+    sparse = LOSSES.build("sparse_topk_kl", missing="uniform")(s, tk)
+    g_sparse, = torch.autograd.grad(sparse, s)
+    pt = tk.dense("uniform")  # (3, 4, 50) log-probs
+    dense = (pt.exp() * (pt - torch.log_softmax(s, -1))).sum(-1).mean()
+    g_dense, = torch.autograd.grad(dense, s)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_sparse, g_dense, atol=1e-6, rtol=1e-4)

@@ -133,21 +133,29 @@ class ViewSpec:
         return cls(d["name"], tuple(d["shape"]), d.get("dtype", "float16"), int(d.get("k", 0)), d.get("quant", "none"))
 
 
-@dataclass
-class TopKLogits:
+class TopKLogits(tuple):
     """A sparse teacher distribution: the top-k log-probabilities (temperature 1) and the mass outside.
 
     `indices` (..., k) int64 vocabulary ids, `logprobs` (..., k) float32 (descending), `missing` (...,)
     float32 = 1 - sum(exp(logprobs)) as recorded, `vocab_size` V. `shape` is the dense shape (..., V), so
-    shape checks against the student's logits pass. A tempered top-k distribution is exact up to the
-    missing mass: softmax(logprobs / T) over the k ids equals the teacher's tempered softmax restricted
-    to them and renormalised.
+    shape checks against the student's logits pass. It is also the pair `(indices, logprobs)` (a tuple
+    of two), which is what `still.losses.divergences.sparse_topk_kl` takes; `lm_kd` reads its fields.
+    A tempered top-k distribution is exact up to the missing mass: softmax(logprobs / T) over the k ids
+    equals the teacher's tempered softmax restricted to them and renormalised.
     """
 
     indices: torch.Tensor
     logprobs: torch.Tensor
     missing: torch.Tensor
     vocab_size: int
+
+    def __new__(cls, indices: torch.Tensor, logprobs: torch.Tensor, missing: torch.Tensor, vocab_size: int) -> TopKLogits:
+        self = super().__new__(cls, (indices, logprobs))
+        self.indices, self.logprobs, self.missing, self.vocab_size = indices, logprobs, missing, int(vocab_size)
+        return self
+
+    def __repr__(self) -> str:
+        return f"TopKLogits(shape={tuple(self.shape)}, k={self.k}, vocab_size={self.vocab_size})"
 
     @property
     def shape(self) -> torch.Size:
