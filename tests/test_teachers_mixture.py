@@ -213,3 +213,18 @@ def test_fit_masknets_moves_teacher_toward_student() -> None:
     for k, v in teacher.state_dict().items():  # the teacher's own weights never change
         torch.testing.assert_close(v, w0[k])
     assert not any(p.requires_grad for p in ts[0].masknet.parameters())
+
+
+def test_masked_mixture_state_roundtrip() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    batch = {"x": torch.randn(2, 1, 4, 4)}
+    mix = MixtureTeacher(specialised_teachers([model], [["0", "2"]]), combine="stack")
+    for m in mix.members:
+        m.materialize(batch)
+    sd = mix.state_dict()
+    assert sd and all(k.split(".")[0] in ("0", "1") for k in sd)
+    other = MixtureTeacher(specialised_teachers([model], [["0", "2"]]), combine="stack")
+    other.load_state_dict(sd)  # MaskNets rebuilt from the saved shapes
+    assert isinstance(other.members[0].masknet, MaskNet2d) and isinstance(other.members[1].masknet, MaskNet1d)
+    torch.testing.assert_close(other.views(batch, ["logits_experts"])["logits_experts"],
+                               mix.views(batch, ["logits_experts"])["logits_experts"])

@@ -119,6 +119,20 @@ class MixtureTeacher(Teacher):
                 out[n] = (w * stacked).sum(dim=1)
         return out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat tensors `"<i>.<key>"` of the members that have state (MaskNets, EMA weights), for checkpoints."""
+        out: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(self.members):
+            if callable(getattr(m, "state_dict", None)):
+                out.update({f"{i}.{k}": v for k, v in m.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for i, m in enumerate(self.members):
+            part = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)}
+            if part and callable(getattr(m, "load_state_dict", None)):
+                m.load_state_dict(part)
+
     def after_step(self, student: nn.Module) -> None:
         for m in self.members:
             if hasattr(m, "after_step"):
@@ -230,6 +244,23 @@ class MaskedTeacher(LiveTeacher):
         if self.masknet is not None:
             self.masknet.eval()
         return self.forward_views(batch, names, detach=True)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The MaskNet's weights (`masknet.<key>`; the teacher's own weights are not trained)."""
+        if self.masknet is None:
+            return {}
+        return {f"masknet.{k}": v.detach().clone() for k, v in self.masknet.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        sd = {k[len("masknet."):]: v for k, v in state.items() if k.startswith("masknet.")}
+        if not sd:
+            return
+        if self.masknet is None:  # rebuild it from the saved shapes: embed is (d·h, d)
+            d = sd["embed.weight"].shape[1]
+            cls = MaskNet2d if any(k.startswith("reduce.") for k in sd) else MaskNet1d
+            self.masknet = cls(d, self.heads)
+        self.masknet.load_state_dict(sd)
+        self.masknet.eval()
 
     def fingerprint(self) -> str:
         mn = weights_fingerprint(self.masknet) if self.masknet is not None else "unbuilt"
