@@ -143,24 +143,33 @@ class _ChunkedDistill(torch.autograd.Function):
             else:
                 t = (ids_v[a:a + m], vals_v[a:a + m].detach())
             lab = None if lab_v is None else lab_v[a:a + m]
-            z = (zs.float() if dtype != torch.float32 else zs).detach().requires_grad_(grads_on)
+            # Prepare the student chunk in place (softcap, -inf floor, 1/T), then differentiate the row
+            # function w.r.t. the prepared logits s; the chain back to the raw logits is applied to g below.
+            zf = zs.float() if dtype != torch.float32 else zs
+            if plan.s_cap:
+                zf.div_(plan.s_cap).tanh_().mul_(plan.s_cap)
+            zf.clamp_min_(NEG_FLOOR)
+            T = plan.temperature
+            if T != 1.0:
+                zf.div_(T)
+            s = zf.detach().requires_grad_(grads_on)
             with torch.enable_grad() if grads_on else torch.no_grad():
-                zc = torch.tanh(z / plan.s_cap) * plan.s_cap if plan.s_cap else z
-                s = zc.clamp_min(NEG_FLOOR)
-                if plan.temperature != 1.0:
-                    s = s / plan.temperature
                 kd = plan.rows(s, t, lab).sum()
                 loss = kd * plan.kd_scale
                 if plan.ce_scale:
-                    ce = F.cross_entropy(zc, lab, reduction="sum")
+                    ce = F.cross_entropy(s * T if T != 1.0 else s, lab, reduction="sum")
                     loss = loss + ce * plan.ce_scale
                     ce_sum += ce.detach()
                 kd_sum += kd.detach()
                 if grads_on:
-                    got = torch.autograd.grad(loss, [z, *wrt_params], allow_unused=True)
+                    got = torch.autograd.grad(loss, [s, *wrt_params], allow_unused=True)
             if not grads_on:
                 continue
             g = got[0]
+            if T != 1.0:
+                g.mul_(1.0 / T)
+            if plan.s_cap:  # d(cap·tanh(z/cap))/dz = 1 − (c/cap)², c = s·T
+                g.mul_(1.0 - (s.detach() * (T / plan.s_cap)).square_())
             if need_h:
                 torch.mm(g.to(dtype), ws, out=g_hs[a:a + m])
             if need_w:
@@ -176,7 +185,7 @@ class _ChunkedDistill(torch.autograd.Function):
                     if got[j] is not None:
                         g_p[i].add_(got[j])
                     j += 1
-            del got, g, z, zc, s, loss
+            del got, g, zf, s, loss
         plan.parts = {"kd": kd_sum * plan.kd_scale, "ce": ce_sum * plan.ce_scale}
         ctx.plan_n, ctx.dense = N, dense
         saved = [idx] + [x if x is not None else torch.empty(0) for x in (g_hs, g_w, g_b)] + g_p

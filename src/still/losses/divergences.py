@@ -275,12 +275,17 @@ def reduce_rows(
         raise ValueError(f"{name}: student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ")
     valid = valid_mask(lead, s.device, mask, labels, ignore_index)
     idx = valid.nonzero().squeeze(1)
-    sv = prepare_logits(s.index_select(0, idx), temperature)
+    dense = idx.numel() == valid.numel()  # nothing masked: skip the gathers
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x if dense else x.index_select(0, idx)
+
+    sv = prepare_logits(take(s), temperature)
     if sparse_teacher:
-        tv: Any = (ids.index_select(0, idx), vals.index_select(0, idx))
+        tv: Any = (take(ids), take(vals))
     else:
-        tv = prepare_logits(teacher.reshape(-1, V).index_select(0, idx), temperature)
-    lab = labels.reshape(-1).to(s.device).index_select(0, idx) if labels is not None else None
+        tv = prepare_logits(take(teacher.reshape(-1, V)), temperature)
+    lab = take(labels.reshape(-1).to(s.device)) if labels is not None else None
     n = idx.numel()
     if n == 0:
         per_row = sv.sum(-1)  # empty, but connected to the graph: the gradient is zeros, not an error
@@ -438,16 +443,16 @@ class DACKL(nn.Module):
     """DAC-KL: KL(p̃_t ‖ p̃_s) on an adaptively clipped slice of the teacher distribution.
 
     A sub-network `net` reads the teacher's sorted top-`top_k` probabilities `(M, top_k)` and predicts
-    quantile bounds l ∈ (0, ½), u ∈ (½, 1). Each token's quantile q_v is the teacher mass ranked strictly
-    above it (0 for the argmax). Tokens with q_v in [l, u] are kept through a soft mask
-    σ((q − l)/τ)·σ((u − q)/τ); the ground-truth token (labels) is always kept. Teacher and student are
+    quantile bounds l ∈ (0, ½), u ∈ (½, 1). Sorted by teacher probability, token v covers the mass
+    interval [a_v, c_v] (a_v: mass ranked above it, c_v = a_v + p_v). Tokens whose interval meets [l, u]
+    are kept through a soft mask σ((c_v − l)/τ)·σ((u − a_v)/τ); the ground-truth token (labels) is always kept. Teacher and student are
     renormalised on the mask and the KL taken. The paper gives no size for the sub-network: a 2-layer MLP.
     Its bounds start near (0, 1), i.e. near plain forward KL. Note: trained only by this loss, the
     bounds are pushed to narrow the slice (a smaller slice has a smaller KL); the paper's other terms
     anchor them. Call as `loss(student (..., V), teacher (..., V), labels=None, mask=None)`.
     """
 
-    def __init__(self, top_k: int = 32, hidden: int = 64, tau: float = 0.02, temperature: float = 1.0,
+    def __init__(self, top_k: int = 32, hidden: int = 64, tau: float = 0.01, temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean", scale_t2: bool = False) -> None:
         super().__init__()
         self.top_k, self.tau, self.temperature = int(top_k), float(tau), float(temperature)
@@ -473,8 +478,10 @@ class DACKL(nn.Module):
         pt = lt.exp()
         sorted_p, order = pt.sort(-1, descending=True)
         lo, hi = self.bounds(sorted_p)
-        q = torch.empty_like(pt).scatter_(-1, order, sorted_p.cumsum(-1) - sorted_p)
-        keep = torch.sigmoid((q - lo[:, None]) / self.tau) * torch.sigmoid((hi[:, None] - q) / self.tau)
+        upto = sorted_p.cumsum(-1)  # token v covers the mass interval [above_v, upto_v] of the sorted teacher
+        upto_v = torch.empty_like(pt).scatter_(-1, order, upto)
+        above_v = torch.empty_like(pt).scatter_(-1, order, upto - sorted_p)
+        keep = torch.sigmoid((upto_v - lo[:, None]) / self.tau) * torch.sigmoid((hi[:, None] - above_v) / self.tau)
         if labels is not None:
             lab = labels.long().clamp(0, s.shape[-1] - 1)
             keep = keep.scatter(-1, lab[:, None], 1.0)
