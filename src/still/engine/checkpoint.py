@@ -173,3 +173,41 @@ def load_student(directory: str | Path, student: torch.nn.Module, strict: bool =
     if sd is None:
         raise FileNotFoundError(f"no student.safetensors in {directory}")
     student.load_state_dict(sd, strict=strict)
+
+
+# -- the engine's save / restore ------------------------------------------------------------------------
+def save_training_state(path: Path, accelerator: Any, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+                        teacher: Any, state: Mapping[str, Any]) -> Path:
+    """Checkpoint a run. Every process calls it (FSDP gathers the full state dict); the main process
+    writes `path` atomically. `model` holds the submodules `student` and `objective`."""
+    sd = accelerator.get_state_dict(model)  # full and unwrapped: keys "student.*", "objective.*"
+    if accelerator.is_main_process:
+        parts = split_state_dict(sd, ("student", "objective"))
+        t_sd = teacher.state_dict() if teacher is not None and callable(getattr(teacher, "state_dict", None)) else None
+        write_checkpoint(path, student=parts["student"], objective=parts["objective"], teacher=t_sd,
+                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), state=state)
+    accelerator.wait_for_everyone()
+    return Path(path)
+
+
+def load_training_state(src: Path, student: torch.nn.Module, objective: torch.nn.Module, optimizer: Any,
+                        scheduler: Any, teacher: Any, expect: Mapping[str, Any]) -> dict[str, Any]:
+    """Restore weights, optimizer, LR schedule, RNG and teacher state from `src`; returns its state.json.
+
+    `expect` lists state.json entries that must match this run (`global_batch`, `grad_accum`, `seed`):
+    otherwise the saved data position would point at other samples."""
+    meta = read_state(src)
+    for key, now in expect.items():
+        then = meta.get(key, meta.get("config", {}).get(key))
+        if then != now:
+            raise ValueError(f"cannot resume from {src}: it was written with {key}={then}, this run has "
+                             f"{key}={now}; the saved data position would not match")
+    student.load_state_dict(load_tensors(src, "student") or {})
+    objective.load_state_dict(load_tensors(src, "objective") or {})
+    t_sd = load_tensors(src, "teacher")
+    if t_sd is not None and teacher is not None and callable(getattr(teacher, "load_state_dict", None)):
+        teacher.load_state_dict(t_sd)
+    optimizer.load_state_dict(load_pickle(src, "optimizer"))
+    scheduler.load_state_dict(load_pickle(src, "scheduler"))
+    set_rng_state(load_pickle(src, "rng"))
+    return meta

@@ -3,15 +3,20 @@
 Every sink has `log(record)` and `close()`; a record is a flat dict such as
 `{"split": "train", "step": 10, "epoch": 0.4, "loss/kd": 1.2, "weight/kd": 0.9, "total": 1.1,
 "lr": 1e-3, "samples_per_s": 5e3}` or `{"split": "eval", "step": 10, "accuracy": 0.93}`.
-Only the main process builds sinks.
+Only the main process builds sinks. `LossWindow` holds the loss values between two logs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import torch
+
+from still.objective import NonFiniteLossError, Objective
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -163,3 +168,54 @@ def build_loggers(out_dir: str | Path | None, *, tensorboard: bool, mlflow: bool
     if mlflow:
         sinks.append(MLflowLogger(out_dir, params))
     return Loggers(sinks)
+
+
+class LossWindow:
+    """The loss values of the steps since the last log, kept on the device (no host sync per step).
+
+    `values[s][m]` is the list `[term_1, ..., term_k, total]` of 0-d tensors (unweighted term values) of
+    micro-batch `m` of step `s`. `matrix()` stacks them once per log into `(steps, k + 1)`.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names  # term names, then "total"
+        self.values: list[list[list[torch.Tensor]]] = []
+        self.steps: list[int] = []
+        self.lr = 0.0
+        self.grad_norm: torch.Tensor | None = None
+        self.t0 = time.perf_counter()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, step: int, values: list[list[torch.Tensor]], lr: float, grad_norm: torch.Tensor | None) -> None:
+        self.values.append(values)
+        self.steps.append(step)
+        self.lr, self.grad_norm = lr, grad_norm
+
+    def matrix(self, accelerator: Any) -> torch.Tensor:
+        """`(steps, k + 1)` float32: micro-batch means, averaged over processes (one collective)."""
+        rows = [torch.stack([torch.stack([v.float().reshape(()) for v in micro]) for micro in step]).mean(0)
+                for step in self.values]
+        w = torch.stack(rows)
+        return accelerator.reduce(w, reduction="mean") if accelerator.num_processes > 1 else w
+
+    def check(self, w: torch.Tensor, last_checkpoint: Path | None, out_dir: Path | None) -> None:
+        """Raise NonFiniteLossError naming the first term and step that is not finite."""
+        finite = torch.isfinite(w).all(dim=1)
+        if bool(finite.all()):
+            return
+        i = int((~finite).nonzero()[0, 0])
+        if last_checkpoint is not None:
+            where = f"last good checkpoint: {last_checkpoint}"
+        else:
+            where = "no checkpoint was written yet" if out_dir else "no checkpoint (out_dir=None)"
+        values = dict(zip(self.names, w[i].cpu()))
+        try:
+            Objective.check_finite(values, self.steps[i])
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e}; {where}") from None
+        raise NonFiniteLossError(f"the total loss is {float(values['total'])} at step {self.steps[i]}; {where}")
+
+    def clear(self) -> None:
+        self.values, self.steps, self.t0 = [], [], time.perf_counter()

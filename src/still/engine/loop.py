@@ -28,9 +28,9 @@ from torch import nn
 
 from still.engine import checkpoint as ckpt
 from still.engine.data import collate, make_loader, to_device
-from still.engine.logging import Progress, build_loggers, read_metrics, truncate_metrics
+from still.engine.logging import LossWindow, Progress, build_loggers, read_metrics, truncate_metrics
 from still import schedules
-from still.objective import NonFiniteLossError, Objective
+from still.objective import Objective
 from still.taps import forward_with_views
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -223,72 +223,58 @@ class RunState:
     def epoch_float(self, plan: Plan) -> float:
         return self.epoch + self.position / plan.batches_per_epoch
 
+    def to_json(self, plan: Plan, cfg: TrainConfig, world: int) -> dict[str, Any]:
+        """What state.json holds."""
+        return {**dataclasses.asdict(self), "global_batch": plan.global_batch, "grad_accum": cfg.grad_accum,
+                "world_size": world, "total_steps": plan.total_steps, "config": dataclasses.asdict(cfg)}
 
-# -- loss records: kept on the device, synced only when logged -----------------------------------------
-class LossWindow:
-    """Per-step rows `[term_1, ..., term_k, total]` (unweighted term values) since the last log."""
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names  # term names, then "total"
-        self.rows: list[torch.Tensor] = []
-        self.steps: list[int] = []
-        self.lr = 0.0
-        self.grad_norm: torch.Tensor | None = None
-        self.t0 = time.perf_counter()
-
-    def add(self, step: int, row: torch.Tensor, lr: float, grad_norm: torch.Tensor | None) -> None:
-        self.rows.append(row)
-        self.steps.append(step)
-        self.lr, self.grad_norm = lr, grad_norm
-
-    def reduced(self, accelerator: Any) -> torch.Tensor:
-        """`(steps, k + 1)`: the rows averaged over processes (one collective)."""
-        w = torch.stack(self.rows)
-        return accelerator.reduce(w, reduction="mean") if accelerator.num_processes > 1 else w
-
-    def check(self, w: torch.Tensor, last_checkpoint: Path | None, out_dir: Path | None) -> None:
-        """Raise NonFiniteLossError for the first step whose terms are not all finite."""
-        finite = torch.isfinite(w).all(dim=1)
-        if bool(finite.all()):
-            return
-        i = int((~finite).nonzero()[0, 0])
-        if last_checkpoint is not None:
-            where = f"last good checkpoint: {last_checkpoint}"
-        else:
-            where = "no checkpoint was written yet" if out_dir else "no checkpoint (out_dir=None)"
-        values = dict(zip(self.names, w[i].cpu()))
-        try:
-            Objective.check_finite(values, self.steps[i])
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"{e}; {where}") from None
-        raise NonFiniteLossError(f"the total loss is {float(values['total'])} at step {self.steps[i]}; {where}")
-
-    def clear(self) -> None:
-        self.rows, self.steps, self.t0 = [], [], time.perf_counter()
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> RunState:
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
 
 
-def train_step(model: nn.Module, optimizer: Any, scheduler: Any, accelerator: Any, batches: Any,
-               cfg: TrainConfig, names: list[str]) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    """One optimizer step over `grad_accum` micro-batches; returns (row of loss values, lr, grad norm)."""
-    rows = []
+# -- one optimizer step -----------------------------------------------------------------------------------
+def step_functions(accelerator: Any, optimizer: Any) -> tuple[Callable[[torch.Tensor], None], Callable[[], None]]:
+    """`(backward, optimizer_step)` for the hot path.
+
+    Without a grad scaler (fp16) and outside XLA / DeepSpeed / Megatron, accelerate's wrappers reduce to
+    `loss.backward()` and `optimizer.step()`; calling those directly saves accelerate's per-step checks
+    (`AcceleratedOptimizer.step` probes `importlib.util.find_spec("lomo_optim")` on every call).
+    """
+    from accelerate.utils import DistributedType
+
+    special = {DistributedType.XLA, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM}
+    if accelerator.scaler is None and accelerator.distributed_type not in special:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return (lambda loss: loss.backward()), inner.step
+    return accelerator.backward, optimizer.step
+
+
+def train_step(model: nn.Module, optimizer: Any, scheduler: Any, accelerator: Any, batches: Any, cfg: TrainConfig,
+               names: list[str], backward: Callable[[torch.Tensor], None], optimizer_step: Callable[[], None],
+               ) -> tuple[list[list[torch.Tensor]], float, torch.Tensor | None]:
+    """One optimizer step over `grad_accum` micro-batches.
+
+    Returns the detached loss values `[[term_1, ..., total] per micro-batch]` (still on the device), the lr
+    used and the gradient norm before clipping (None without clipping).
+    """
+    values = []
     for i in range(cfg.grad_accum):
         batch = to_device(next(batches), accelerator.device)
         sync = i == cfg.grad_accum - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             out = model(batch)
-            loss = out["total"] / cfg.grad_accum if cfg.grad_accum > 1 else out["total"]
-            accelerator.backward(loss)
-        rows.append(torch.stack([out[n].detach().float().reshape(()) for n in names]))
+            backward(out["total"] / cfg.grad_accum if cfg.grad_accum > 1 else out["total"])
+        values.append([out[n].detach() for n in names])
     grad_norm = None
     if cfg.clip_grad_norm:
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
+    optimizer_step()
     if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow skips the update
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    row = rows[0] if len(rows) == 1 else torch.stack(rows).mean(0)
-    return row, lr, grad_norm
+    return values, lr, grad_norm
 
 
 def evaluate(eval_fn: Callable[[nn.Module], Mapping[str, Any]], student: nn.Module, accelerator: Any) -> dict[str, float]:
@@ -303,53 +289,6 @@ def evaluate(eval_fn: Callable[[nn.Module], Mapping[str, Any]], student: nn.Modu
     if not isinstance(metrics, Mapping) or not metrics:
         raise TypeError(f"eval_fn must return a non-empty dict of metrics, got {metrics!r}")
     return {k: float(v) for k, v in metrics.items()}
-
-
-# -- checkpoints -------------------------------------------------------------------------------------
-def _state_json(state: RunState, plan: Plan, cfg: TrainConfig, world: int) -> dict[str, Any]:
-    return {"step": state.step, "epoch": state.epoch, "position": state.position,
-            "best_value": state.best_value, "best_eval": state.best_eval, "last_eval_step": state.last_eval_step,
-            "global_batch": plan.global_batch, "grad_accum": cfg.grad_accum, "world_size": world,
-            "total_steps": plan.total_steps, "config": dataclasses.asdict(cfg)}
-
-
-def save_checkpoint(path: Path, accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any,
-                    teacher: Any, state: RunState, plan: Plan, cfg: TrainConfig) -> Path:
-    """Every process takes part (FSDP gathers); the main process writes `path` atomically."""
-    sd = accelerator.get_state_dict(model)  # full, unwrapped: keys "student.*", "objective.*"
-    if accelerator.is_main_process:
-        parts = ckpt.split_state_dict(sd, ("student", "objective"))
-        t_sd = teacher.state_dict() if teacher is not None and callable(getattr(teacher, "state_dict", None)) else None
-        ckpt.write_checkpoint(
-            path, student=parts["student"], objective=parts["objective"], teacher=t_sd,
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            state=_state_json(state, plan, cfg, accelerator.num_processes),
-        )
-    accelerator.wait_for_everyone()
-    return path
-
-
-def load_checkpoint(src: Path, module: DistillModule, optimizer: Any, scheduler: Any, teacher: Any,
-                    plan: Plan, cfg: TrainConfig) -> RunState:
-    """Restore weights, optimizer, LR schedule, RNG and teacher state; every process loads."""
-    meta = ckpt.read_state(src)
-    for key, now in (("global_batch", plan.global_batch), ("grad_accum", cfg.grad_accum)):
-        if meta.get(key) != now:
-            raise ValueError(f"cannot resume from {src}: it was written with {key}={meta.get(key)}, this run has "
-                             f"{key}={now}; the data position would not match")
-    if meta["config"].get("seed") != cfg.seed:
-        raise ValueError(f"cannot resume from {src}: it used seed {meta['config'].get('seed')}, this run seed {cfg.seed}")
-    module.student.load_state_dict(ckpt.load_tensors(src, "student") or {})
-    module.objective.load_state_dict(ckpt.load_tensors(src, "objective") or {})
-    t_sd = ckpt.load_tensors(src, "teacher")
-    if t_sd is not None and teacher is not None and callable(getattr(teacher, "load_state_dict", None)):
-        teacher.load_state_dict(t_sd)
-    optimizer.load_state_dict(ckpt.load_pickle(src, "optimizer"))
-    scheduler.load_state_dict(ckpt.load_pickle(src, "scheduler"))
-    ckpt.set_rng_state(ckpt.load_pickle(src, "rng"))
-    return RunState(step=meta["step"], epoch=meta["epoch"], position=meta["position"],
-                    best_value=meta.get("best_value"), best_eval=meta.get("best_eval"),
-                    last_eval_step=meta.get("last_eval_step", -1))
 
 
 # -- set-up -------------------------------------------------------------------------------------------
@@ -435,6 +374,7 @@ def train(
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, plan.total_steps))
     model, optimizer = accelerator.prepare(module, optimizer)
+    backward, optimizer_step = step_functions(accelerator, optimizer)
 
     # resume: weights, optimizer, schedule, RNG, data position; metrics.jsonl cut to the checkpoint
     state, history, last_ckpt = RunState(), [], None
@@ -444,7 +384,9 @@ def train(
         if src is None:
             warnings.warn(f"resume=True but {ckpt_dir / 'last'} holds no checkpoint; starting from step 0")
         else:
-            state = load_checkpoint(src, module, optimizer, scheduler, teacher, plan, cfg)
+            meta = ckpt.load_training_state(src, student, objective, optimizer, scheduler, teacher, expect={
+                "global_batch": plan.global_batch, "grad_accum": cfg.grad_accum, "seed": cfg.seed})
+            state = RunState.from_json(meta)
             last_ckpt = ckpt_dir / "last"
             history = [r for r in read_metrics(out) if int(r.get("step", 0)) <= state.step]
             accelerator.wait_for_everyone()
@@ -467,12 +409,12 @@ def train(
         loggers.log(rec)
 
     def log_window() -> None:
-        if not window.rows:
+        if not len(window):
             return
-        w = window.reduced(accelerator)
+        w = window.matrix(accelerator)
         window.check(w, last_ckpt, out)
         means = w.mean(0).tolist()
-        n_steps, dt = len(window.rows), time.perf_counter() - window.t0
+        n_steps, dt = len(window), time.perf_counter() - window.t0
         rec: dict[str, Any] = {"split": "train", "step": state.step, "epoch": round(state.epoch_float(plan), 6)}
         rec.update({f"loss/{n}": v for n, v in zip(term_names, means)})
         rec.update({f"weight/{n}": v for n, v in objective.weights().items()})
@@ -486,8 +428,8 @@ def train(
 
     def run_eval() -> None:
         nonlocal final_eval
-        if window.rows:
-            window.check(window.reduced(accelerator), last_ckpt, out)
+        if len(window):
+            window.check(window.matrix(accelerator), last_ckpt, out)
         metrics = evaluate(eval_fn, student, accelerator)
         final_eval, state.last_eval_step = metrics, state.step
         record({"split": "eval", "eval": True, "step": state.step, "epoch": round(state.epoch_float(plan), 6),
@@ -500,16 +442,17 @@ def train(
         if better and math.isfinite(v):
             state.best_value, state.best_eval = v, {"step": state.step, **metrics}
             if ckpt_dir is not None:
-                save_checkpoint(ckpt_dir / "best", accelerator, model, optimizer, scheduler, teacher, state, plan, cfg)
+                ckpt.save_training_state(ckpt_dir / "best", accelerator, model, optimizer, scheduler, teacher,
+                                         state.to_json(plan, cfg, world))
 
     def save_last() -> None:
         nonlocal last_ckpt
         if ckpt_dir is None:
             return
-        if window.rows:  # never checkpoint weights that a non-finite loss has touched
-            window.check(window.reduced(accelerator), last_ckpt, out)
-        last_ckpt = save_checkpoint(ckpt_dir / "last", accelerator, model, optimizer, scheduler, teacher,
-                                    state, plan, cfg)
+        if len(window):  # never checkpoint weights that a non-finite loss has touched
+            window.check(window.matrix(accelerator), last_ckpt, out)
+        last_ckpt = ckpt.save_training_state(ckpt_dir / "last", accelerator, model, optimizer, scheduler, teacher,
+                                             state.to_json(plan, cfg, world))
 
     saved_at = state.step if last_ckpt is not None else -1
     try:
@@ -519,11 +462,11 @@ def train(
                                        **loader_args))
             while state.position < plan.batches_per_epoch and state.step < plan.total_steps:
                 objective.set_progress(state.step, plan.total_steps)
-                row, lr, grad_norm = train_step(model, optimizer, scheduler, accelerator, batches, cfg,
-                                                term_names + ["total"])
+                values, lr, grad_norm = train_step(model, optimizer, scheduler, accelerator, batches, cfg,
+                                                   term_names + ["total"], backward, optimizer_step)
                 if after_step is not None:
                     after_step(student)
-                window.add(state.step, row, lr, grad_norm)
+                window.add(state.step, values, lr, grad_norm)
                 state.step += 1
                 state.position += cfg.grad_accum
                 if state.step % cfg.log_every == 0:
