@@ -211,3 +211,26 @@ def test_bf16_autocast_run_is_finite_and_learns() -> None:
     res = train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=2, batch_size=32, progress=False),
                 teacher=LiveTeacher(teacher, {"logits": ""}))
     assert res.steps == 2
+
+
+# -- evaluation cadence, best checkpoint, resuming a finished run -----------------------------------------
+def test_eval_every_steps_best_min_mode_and_resume_of_a_finished_run(tmp_path: Path) -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    lt = LiveTeacher(teacher, {"logits": ""})
+    scores = iter([5.0, 3.0, 4.0, 6.0, 7.0, 8.0])  # best (lowest) at the 2nd evaluation
+    cfg = TrainConfig(max_steps=12, batch_size=32, eval_every=4, eval_every_epochs=None, best_metric="loss",
+                      best_mode="min", progress=False)
+    res = train(student, _kd_objective(), digits_kd.synthetic(), cfg, teacher=lt,
+                eval_fn=lambda m: {"acc": 0.0, "loss": next(scores)}, out_dir=tmp_path)
+    evals = [r for r in res.history if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert res.best_eval == {"step": 8, "acc": 0.0, "loss": 3.0} and res.final_eval["loss"] == 4.0
+    assert ckpt.read_state(tmp_path / "checkpoints" / "best")["step"] == 8
+    again = train(student, _kd_objective(), digits_kd.synthetic(), cfg, teacher=lt,
+                  eval_fn=lambda m: {"acc": 0.0, "loss": 99.0}, out_dir=tmp_path, resume=True)
+    assert again.steps == 12 and again.final_eval == {"acc": 0.0, "loss": 4.0} and again.best_eval["step"] == 8
+    assert again.history == res.history
+    with pytest.warns(UserWarning, match="earlier run"):
+        train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=2, batch_size=32, progress=False),
+              teacher=lt, out_dir=tmp_path)
+    assert not (tmp_path / "checkpoints" / "best").exists()
