@@ -1,0 +1,292 @@
+"""Real English text from Debian packages: WordNet glosses, fortunes categories, KJV verses.
+
+Every data set is a map-style `TextDataset` of dict samples `{"text": str, "index": int}` (plus
+`"y": int` where there are labels), with `texts`, `labels`, `num_classes`, `input_shape=None` and
+`fingerprint()`. Batch them with `text_collate` (texts stay a list of strings; the teacher and the
+student tokenize them themselves, each with its own tokenizer).
+
+Held-out splits are deterministic and independent of file order: an item goes to the test split
+when a hash of its stable key (the WordNet synset id, the verse reference, the fortune's text) falls
+under `heldout_fraction`. So a held-out WordNet synset is never seen in training, whatever subset of
+the training split is taken.
+
+>>> train = DATASETS.build("wordnet_glosses", split="train", subset=20000)
+>>> test = DATASETS.build("wordnet_glosses", split="test")      # test.lemmas[i] ↔ test.texts[i]
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from still.registry import register_dataset
+
+WORDNET_ROOT = Path("/usr/share/wordnet")
+FORTUNES_ROOT = Path("/usr/share/games/fortunes")
+#: the 12 fortunes categories of the probe (feasibility notes: 1,800 train / 600 test)
+FORTUNE_CATEGORIES = ("people", "computers", "science", "politics", "songs-poems", "work", "art", "food",
+                      "sports", "love", "medicine", "law")
+WORDNET_POS = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
+
+
+class MissingDataError(FileNotFoundError):
+    """A Debian data package is not installed; the message names it."""
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def stable_fraction(key: str, salt: str = "") -> float:
+    """A deterministic number in [0, 1) from `key` (sha256), used for held-out splits."""
+    return int(hashlib.sha256((salt + key).encode()).hexdigest()[:12], 16) / float(16**12)
+
+
+class TextDataset(Dataset):
+    """Texts (and optional integer labels) as dict samples `{"text", "index"[, "y"]}`."""
+
+    def __init__(self, name: str, texts: Sequence[str], labels: Sequence[int] | None = None,
+                 classes: Sequence[str] | None = None, keys: Sequence[str] | None = None,
+                 **extra: Any) -> None:
+        self.name = name
+        self.texts = list(texts)
+        self.labels = None if labels is None else list(labels)
+        self.classes = list(classes) if classes is not None else None
+        self.num_classes = len(self.classes) if self.classes else 0
+        self.input_shape = None
+        self.keys = list(keys) if keys is not None else [str(i) for i in range(len(self.texts))]
+        for k, v in extra.items():
+            setattr(self, k, v)
+        if self.labels is not None and len(self.labels) != len(self.texts):
+            raise ValueError(f"{name}: {len(self.texts)} texts but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"text": self.texts[i], "index": i}
+        if self.labels is not None:
+            item["y"] = self.labels[i]
+        return item
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) over the name, the texts and the labels."""
+        h = hashlib.sha256(self.name.encode())
+        for i, t in enumerate(self.texts):
+            h.update(t.encode() + b"\x00")
+            if self.labels is not None:
+                h.update(str(self.labels[i]).encode())
+        return h.hexdigest()[:16]
+
+
+def text_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch text samples: `{"text": list[str], "index": (B,) int64[, "y": (B,) int64]}`."""
+    out: dict[str, Any] = {"text": [s["text"] for s in samples],
+                           "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
+    if "y" in samples[0]:
+        out["y"] = torch.tensor([int(s["y"]) for s in samples], dtype=torch.long)
+    return out
+
+
+def _require(path: Path, package: str, what: str) -> Path:
+    if not path.exists():
+        raise MissingDataError(
+            f"{what} not found at {path}: install the Debian package `{package}` "
+            f"(sudo apt-get install {package})"
+        )
+    return path
+
+
+def _subset(idx: list[int], subset: int | None, salt: str, keys: Sequence[str]) -> list[int]:
+    """The first `subset` of `idx` in a fixed hash order (deterministic, nested as subset grows)."""
+    if subset is None or subset >= len(idx):
+        return idx
+    order = sorted(idx, key=lambda i: stable_fraction(keys[i], salt + "subset"))
+    return sorted(order[:subset])
+
+
+# -- WordNet ------------------------------------------------------------------------------------
+def parse_wordnet_line(line: str) -> tuple[str, list[str], str, list[str]] | None:
+    """One `data.<pos>` line → `(synset_id, lemmas, definition, examples)`, or None for header lines.
+
+    Format (wndb(5WN)): `offset lex_filenum ss_type w_cnt(hex) word lex_id ... p_cnt ... | gloss`.
+    The gloss is `definition; "example"; "example"`; lemmas keep their spelling with `_` → space and
+    adjective markers like `(a)` removed.
+    """
+    if line.startswith("  ") or "|" not in line:
+        return None
+    head, gloss = line.split("|", 1)
+    f = head.split()
+    offset, ss_type, w_cnt = f[0], f[2], int(f[3], 16)
+    lemmas = [re.sub(r"\([a-z]+\)$", "", f[4 + 2 * k]).replace("_", " ") for k in range(w_cnt)]
+    gloss = gloss.strip()
+    parts = [p.strip() for p in re.split(r';\s*(?=")', gloss)]
+    definition = parts[0].rstrip("; ").strip()
+    examples = [p.strip('"; ') for p in parts[1:] if p.strip('"; ')]
+    return f"{ss_type}{offset}", lemmas, definition, examples
+
+
+def read_wordnet(root: Path | str = WORDNET_ROOT, pos: Sequence[str] = ("noun", "verb", "adj", "adv")
+                 ) -> list[tuple[str, list[str], str, list[str]]]:
+    """Every synset of the given parts of speech: `[(synset_id, lemmas, definition, examples)]` (parsed once)."""
+    return list(_read_wordnet(str(root), tuple(pos)))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_wordnet(root_s: str, pos: tuple[str, ...]) -> tuple[tuple[str, list[str], str, list[str]], ...]:
+    root = Path(root_s)
+    out = []
+    for p in pos:
+        if p not in WORDNET_POS:
+            raise ValueError(f"wordnet pos {p!r}: choose from {list(WORDNET_POS)}")
+        path = _require(root / f"data.{p}", "wordnet-base", f"WordNet data file data.{p}")
+        with open(path, encoding="latin-1") as fh:
+            for line in fh:
+                rec = parse_wordnet_line(line)
+                if rec is not None and rec[2]:
+                    out.append(rec)
+    return tuple(out)
+
+
+@register_dataset("wordnet_glosses")
+def wordnet_glosses(split: str = "train", heldout_fraction: float = 0.1, subset: int | None = None,
+                    pos: Sequence[str] = ("noun", "verb", "adj", "adv"), unique_lemmas: bool | None = None,
+                    root: str | None = None) -> TextDataset:
+    """WordNet 3.0 definitions (Debian `wordnet-base`); `texts[i]` is a definition, `lemmas[i]` its first lemma.
+
+    `split="test"` holds the synsets whose id hashes under `heldout_fraction` (about 11.8k of 117.6k);
+    they never appear in `split="train"`. `subset` takes a fixed, nested subset. `unique_lemmas`
+    (default: True for test) keeps one synset per lemma, so word → definition retrieval is well posed.
+    Extra attributes: `lemmas`, `lemma_sets` (all lemmas of each synset), `synsets`, `examples`.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"wordnet_glosses: split must be 'train' or 'test', got {split!r}")
+    recs = read_wordnet(root or WORDNET_ROOT, pos)
+    test = [stable_fraction(r[0], "wordnet") < heldout_fraction for r in recs]
+    idx = [i for i, t in enumerate(test) if t == (split == "test")]
+    if unique_lemmas if unique_lemmas is not None else split == "test":
+        seen: set[str] = set()
+        kept = []
+        for i in sorted(idx, key=lambda i: stable_fraction(recs[i][0], "lemma")):
+            lem = recs[i][1][0].lower()
+            if lem not in seen:
+                seen.add(lem)
+                kept.append(i)
+        idx = sorted(kept)
+    keys = [r[0] for r in recs]
+    idx = _subset(idx, subset, "wordnet", keys)
+    return TextDataset(f"wordnet_glosses:{split}:{heldout_fraction}:{subset}:{','.join(pos)}",
+                       [recs[i][2] for i in idx], keys=[keys[i] for i in idx],
+                       lemmas=[recs[i][1][0] for i in idx], lemma_sets=[recs[i][1] for i in idx],
+                       synsets=[keys[i] for i in idx],
+                       examples=[recs[i][3] for i in idx])
+
+
+# -- fortunes ------------------------------------------------------------------------------------
+def read_fortune_file(path: Path | str) -> list[str]:
+    """The texts of one fortunes file (split on lines holding a single `%`), whitespace-normalised."""
+    items: list[str] = []
+    cur: list[str] = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines() + ["%"]:
+        if line.rstrip() == "%":
+            text = " ".join(" ".join(cur).split())
+            if text:
+                items.append(text)
+            cur = []
+        else:
+            cur.append(line)
+    return items
+
+
+@register_dataset("fortunes")
+def fortunes(split: str = "train", categories: Sequence[str] = FORTUNE_CATEGORIES, per_class: int = 200,
+             test_fraction: float = 0.25, root: str | None = None) -> TextDataset:
+    """Fortunes (Debian `fortunes`, `fortunes-min`) labelled by category file, at most `per_class` each.
+
+    Each category's distinct texts are ordered by a hash of their text; the first `per_class` are
+    kept (all of them for small files: medicine has 74, sports 147, love 150, food 198) and the
+    first `test_fraction` of those form the test split. The 12 default categories give 1,626 / 543.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"fortunes: split must be 'train' or 'test', got {split!r}")
+    base = _require(Path(root or FORTUNES_ROOT), "fortunes", "the fortunes directory")
+    texts, labels = [], []
+    per_cat = {}
+    for cat in categories:
+        path = base / cat
+        if not path.exists():
+            have = sorted(p.name for p in base.iterdir() if p.suffix not in (".dat", ".u8") and p.is_file())
+            raise MissingDataError(f"fortunes category {cat!r} not found in {base} (install Debian `fortunes` "
+                                   f"and `fortunes-min`); available: {have}")
+        per_cat[cat] = set(read_fortune_file(path))
+    counts: dict[str, int] = {}
+    for items in per_cat.values():
+        for t in items:
+            counts[t] = counts.get(t, 0) + 1
+    for c, cat in enumerate(categories):
+        # a text filed under two of the categories has no single label: dropped
+        items = sorted((t for t in per_cat[cat] if counts[t] == 1), key=lambda t: stable_fraction(t, "fortunes"))
+        items = items[:per_class]
+        n_test = int(round(test_fraction * len(items)))
+        chosen = items[:n_test] if split == "test" else items[n_test:]
+        texts += chosen
+        labels += [c] * len(chosen)
+    return TextDataset(f"fortunes:{split}:{','.join(categories)}:{per_class}:{test_fraction}",
+                       texts, labels, classes=list(categories), keys=texts)
+
+
+# -- KJV -------------------------------------------------------------------------------------------
+_VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")
+
+
+def parse_kjv(text: str) -> list[tuple[str, str, str]]:
+    """`bible -f` output (`Ge1:1 In the beginning ...`, one verse a line) → `[(book, ref, verse)]`."""
+    out = []
+    for line in text.splitlines():
+        m = _VERSE.match(line.strip())
+        if m:
+            book, ch, vs, body = m.groups()
+            out.append((book, f"{book}{ch}:{vs}", body.strip()))
+        elif line.strip() and out:  # a wrapped continuation line
+            b, r, body = out[-1]
+            out[-1] = (b, r, body + " " + line.strip())
+    return out
+
+
+def read_kjv(bible_cmd: str = "bible") -> list[tuple[str, str, str]]:
+    """All 31,102 KJV verses through the `bible` reader (Debian `bible-kjv` + `bible-kjv-text`)."""
+    exe = shutil.which(bible_cmd)
+    if exe is None or not Path("/usr/lib/bible.data").exists():
+        raise MissingDataError("the KJV reader `bible` or its text /usr/lib/bible.data is missing: install the "
+                               "Debian packages `bible-kjv` and `bible-kjv-text`")
+    res = subprocess.run([exe, "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise RuntimeError(f"`bible -f Gen1:1-Rev22:21` failed ({res.returncode}): {res.stderr[:300]}")
+    verses = parse_kjv(res.stdout)
+    if len(verses) < 30000:
+        raise RuntimeError(f"`bible -f` gave only {len(verses)} verses; expected 31,102")
+    return verses
+
+
+@register_dataset("kjv_verses")
+def kjv_verses(split: str = "train", heldout_fraction: float = 0.1, subset: int | None = None) -> TextDataset:
+    """KJV verses labelled by book (66 classes); a verse is held out when its reference hashes low."""
+    if split not in ("train", "test"):
+        raise ValueError(f"kjv_verses: split must be 'train' or 'test', got {split!r}")
+    verses = read_kjv()
+    books = list(dict.fromkeys(v[0] for v in verses))
+    refs = [v[1] for v in verses]
+    idx = [i for i, r in enumerate(refs) if (stable_fraction(r, "kjv") < heldout_fraction) == (split == "test")]
+    idx = _subset(idx, subset, "kjv", refs)
+    return TextDataset(f"kjv_verses:{split}:{heldout_fraction}:{subset}", [verses[i][2] for i in idx],
+                       [books.index(verses[i][0]) for i in idx], classes=books, keys=[refs[i] for i in idx],
+                       refs=[refs[i] for i in idx])
+
+
+__all__ = ["TextDataset", "text_collate", "MissingDataError", "wordnet_glosses", "fortunes", "kjv_verses",
+           "parse_wordnet_line", "read_fortune_file", "parse_kjv", "FORTUNE_CATEGORIES", "stable_fraction"]

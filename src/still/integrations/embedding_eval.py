@@ -1,0 +1,127 @@
+"""Built-in evaluation of sentence embedders (teachers and students alike).
+
+An embedder is any `encode(texts: list[str]) -> (N, D)` callable (a tensor or numpy array).
+
+* `wordnet_retrieval`: WordNet lemma → definition retrieval over held-out synsets (R@1, R@10).
+* `fortunes_probe`: logistic-regression probe on the 12 fortunes categories (accuracy).
+* `agreement`: teacher–student cosine (same width only) and the Spearman correlation of the two
+  models' pairwise cosine similarities on held-out KJV verses.
+* `throughput`: sentences/s, warmed up, interleaved, same batch size for every model.
+
+>>> suite = EvalSuite.build(wordnet_pairs=2000)
+>>> suite.evaluate(lambda t: student.encode(t), teacher_emb=suite.encode_kjv(teacher.encode))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Encoder = Callable[[list[str]], Any]
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """`(N, D)` float32 tensor from a tensor, numpy array or nested list."""
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if t.dim() != 2:
+        raise ValueError(f"an encoder must return (N, D) embeddings; got shape {tuple(t.shape)}")
+    return t.float()
+
+
+def retrieval_recall(queries: torch.Tensor, docs: torch.Tensor, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Recall@k of query i retrieving doc i by cosine among all docs: `(N, D), (N, D)`.
+
+    The rank of the right doc counts the docs scoring strictly higher (ties in its favour).
+    """
+    q, d = F.normalize(queries.float(), dim=1), F.normalize(docs.float(), dim=1)
+    if q.shape[0] != d.shape[0]:
+        raise ValueError(f"retrieval_recall: {q.shape[0]} queries but {d.shape[0]} docs (pairs i ↔ i)")
+    sims = q @ d.t()
+    right = sims.diagonal().unsqueeze(1)
+    rank = (sims > right).sum(1)
+    return {f"r{k}": float((rank < k).float().mean()) for k in ks}
+
+
+def wordnet_retrieval(encode: Encoder, lemmas: Sequence[str], definitions: Sequence[str]) -> dict[str, float]:
+    """R@1 / R@10 of lemma → its definition among all `definitions` (held-out synsets, one per lemma)."""
+    return retrieval_recall(as_tensor(encode(list(lemmas))), as_tensor(encode(list(definitions))))
+
+
+def linear_probe(train_x: torch.Tensor, train_y: Sequence[int], test_x: torch.Tensor, test_y: Sequence[int],
+                 c: float = 10.0) -> float:
+    """Accuracy of an L2-regularised logistic regression on L2-normalised embeddings (lbfgs, seed-free)."""
+    from sklearn.linear_model import LogisticRegression
+
+    xtr = F.normalize(train_x.float(), dim=1).numpy()
+    xte = F.normalize(test_x.float(), dim=1).numpy()
+    clf = LogisticRegression(C=c, max_iter=2000)
+    clf.fit(xtr, np.asarray(train_y))
+    return float((clf.predict(xte) == np.asarray(test_y)).mean())
+
+
+def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float | None]:
+    """`cosine`: mean cos(s_i, t_i) (None when widths differ); `spearman`: of the pairwise cosine
+    similarities (upper triangle) of the student against the teacher's. `(N, Ds), (N, Dt)`."""
+    from scipy.stats import spearmanr
+
+    s, t = F.normalize(student.float(), dim=1), F.normalize(teacher.float(), dim=1)
+    cos = float((s * t).sum(1).mean()) if s.shape == t.shape else None
+    iu = torch.triu_indices(s.shape[0], s.shape[0], offset=1)
+    ss, st = (s @ s.t())[iu[0], iu[1]].numpy(), (t @ t.t())[iu[0], iu[1]].numpy()
+    return {"cosine": cos, "spearman": float(spearmanr(ss, st).statistic)}
+
+
+def throughput(encoders: Mapping[str, Encoder], texts: Sequence[str], repeats: int = 3) -> dict[str, float]:
+    """Sentences/s of each encoder on the same `texts` (warmed up once, interleaved, median of `repeats`).
+
+    Give every encoder the same batch size (e.g. `lambda t: st_encode(model, t, 64)`).
+    """
+    from still.bench import interleaved_median
+
+    texts = list(texts)
+    secs = interleaved_median({k: (lambda f=f: f(texts)) for k, f in encoders.items()}, repeats=repeats, warmup=1)
+    return {k: len(texts) / v for k, v in secs.items()}
+
+
+@dataclass
+class EvalSuite:
+    """The held-out data of the evaluation, loaded once."""
+
+    lemmas: list[str]
+    definitions: list[str]
+    fortunes_train: Any
+    fortunes_test: Any
+    kjv: list[str]
+    _kjv_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, wordnet_pairs: int | None = 2000, fortunes_per_class: int = 200, kjv_verses: int = 1000
+              ) -> "EvalSuite":
+        """Held-out WordNet synsets (one per lemma, `wordnet_pairs` of them), fortunes, held-out KJV verses."""
+        from still.data.text import fortunes, kjv_verses as kjv, wordnet_glosses
+
+        wn = wordnet_glosses(split="test", subset=wordnet_pairs)
+        return cls(wn.lemmas, wn.texts, fortunes("train", per_class=fortunes_per_class),
+                   fortunes("test", per_class=fortunes_per_class), kjv("test", subset=kjv_verses).texts)
+
+    def encode_kjv(self, encode: Encoder) -> torch.Tensor:
+        return as_tensor(encode(self.kjv))
+
+    def evaluate(self, encode: Encoder, teacher_kjv: torch.Tensor | None = None) -> dict[str, Any]:
+        """`{"r1", "r10", "fortunes_acc"[, "kjv_cosine", "kjv_spearman"]}` for one embedder."""
+        out: dict[str, Any] = dict(wordnet_retrieval(encode, self.lemmas, self.definitions))
+        tr = as_tensor(encode(self.fortunes_train.texts))
+        te = as_tensor(encode(self.fortunes_test.texts))
+        out["fortunes_acc"] = linear_probe(tr, self.fortunes_train.labels, te, self.fortunes_test.labels)
+        if teacher_kjv is not None:
+            ag = agreement(self.encode_kjv(encode), teacher_kjv)
+            out["kjv_cosine"], out["kjv_spearman"] = ag["cosine"], ag["spearman"]
+        return out
+
+
+__all__ = ["retrieval_recall", "wordnet_retrieval", "linear_probe", "agreement", "throughput", "EvalSuite",
+           "as_tensor"]
