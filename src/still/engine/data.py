@@ -65,10 +65,15 @@ class RankBatchSampler(Sampler[list[int]]):
         return max(self.num_batches - self.start, 0)
 
     def __iter__(self) -> Iterator[list[int]]:
+        for idx in self.iter_tensors():
+            yield idx.tolist()
+
+    def iter_tensors(self) -> Iterator[torch.Tensor]:
+        """The same batches as `(batch_size,)` int64 tensors."""
         perm = epoch_permutation(self.num_samples, self.seed, self.epoch, self.shuffle)
         gb, lo = self.global_batch, self.rank * self.batch_size
         for b in range(self.start, self.num_batches):
-            yield perm[b * gb + lo : b * gb + lo + self.batch_size].tolist()
+            yield perm[b * gb + lo : b * gb + lo + self.batch_size]
 
 
 def collate(samples: Any) -> Any:
@@ -108,9 +113,29 @@ class InMemoryDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.tensors.items()}
 
-    def __getitems__(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        ix = torch.as_tensor(idx, dtype=torch.long)
+    def __getitems__(self, idx: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        ix = idx if isinstance(idx, torch.Tensor) else torch.as_tensor(idx, dtype=torch.long)
         return {k: v[ix] for k, v in self.tensors.items()}
+
+
+class InProcessLoader:
+    """What `DataLoader(num_workers=0)` does (fetch the batch's samples, collate), without its per-batch
+    machinery: about 0.1 ms less per batch, which matters for small models."""
+
+    def __init__(self, dataset: Dataset, sampler: RankBatchSampler, collate_fn: Callable[[Any], Any]) -> None:
+        self.dataset, self.sampler, self.collate_fn = dataset, sampler, collate_fn
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        if isinstance(self.dataset, InMemoryDataset):  # index tensors go straight into the gathers
+            for ix in self.sampler.iter_tensors():
+                yield self.collate_fn(self.dataset.__getitems__(ix))
+            return
+        get_many = getattr(self.dataset, "__getitems__", None)
+        for idx in self.sampler:
+            yield self.collate_fn(get_many(idx) if get_many else [self.dataset[i] for i in idx])
 
 
 def make_loader(
@@ -126,16 +151,19 @@ def make_loader(
     num_workers: int = 0,
     collate_fn: Callable[[Any], Any] | None = None,
     pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader over this rank's batches of `epoch` from batch `start` on.
+) -> DataLoader | InProcessLoader:
+    """A loader over this rank's batches of `epoch` from batch `start` on: an `InProcessLoader` without
+    workers or pinned memory, else a `DataLoader`.
 
-    The loader has its own generator seeded from `(seed, epoch)`, so creating it never draws from
+    The DataLoader has its own generator seeded from `(seed, epoch)`, so creating it never draws from
     the global torch RNG (which would shift dropout masks after a resume).
     """
     sampler = RankBatchSampler(
         len(dataset), batch_size, seed=seed, epoch=epoch, start=start, rank=rank,
         world_size=world_size, num_batches=num_batches,
     )
+    if num_workers == 0 and not pin_memory:
+        return InProcessLoader(dataset, sampler, collate_fn or collate)
     g = torch.Generator().manual_seed((int(seed) * 7_919 + int(epoch) * 104_729 + 1) % (2**63 - 1))
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn or collate,
