@@ -136,7 +136,9 @@ def mst_distill(k: int = 1, temperature: float = 4.0, w_task: float = 1.0, w_kl:
         terms=[],
         make_terms=make_terms,
         student_views={"logits": ""},
-        teacher_views={"logits": ""},
+        # The base teacher's logits under the experts' name: a pipeline builds the live teacher for the views
+        # the terms read, then `wrap_teacher` replaces it by the mixture that really serves (B, E, C).
+        teacher_views={"logits": "", experts_view: ""},
         wrap_teacher=wrap_teacher,
         prepare=prepare,
         notes="teacher: a MixtureTeacher (stack) or one live teacher + mask_layers (MaskNet-specialised copies); "
