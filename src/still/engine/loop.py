@@ -324,7 +324,7 @@ def validate_first_batch(module: DistillModule, batch: Mapping[str, Any], seed: 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         s_views, t_views = module.views(batch)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # adapters are created on the CPU, then moved
         module.objective.validate(s_views, t_views, batch)
     buffers = dict(module.named_buffers())
     for n, b in saved.items():
