@@ -310,7 +310,8 @@ def chunked_distill_loss(
     plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / count, ce_weight / count, max(chunk, 1),
                  len(mod_params), student_softcap, teacher_softcap)
     if n == 0:  # nothing counts: an exact zero that still back-propagates (zero gradients)
-        zero = hs.float().sum() * 0.0 + ws.float().sum() * 0.0 + sum((p.sum() * 0.0 for p in mod_params), 0.0)
+        zero = sum((x.reshape(-1)[:0].float().sum() for x in (hs, ws, bs, *mod_params) if x is not None),
+                   hs.new_zeros((), dtype=torch.float32))  # empty slices: exactly 0, even with -inf biases
         return (zero, {"kd": zero.detach(), "ce": zero.detach()}) if return_parts else zero
     out = _ChunkedDistill.apply(plan, idx, hs, ws, bs, ht, wt, bt, t_logits, t_ids, t_vals, lab, *mod_params)
     return (out, plan.parts) if return_parts else out
