@@ -234,3 +234,18 @@ def test_eval_every_steps_best_min_mode_and_resume_of_a_finished_run(tmp_path: P
         train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=2, batch_size=32, progress=False),
               teacher=lt, out_dir=tmp_path)
     assert not (tmp_path / "checkpoints" / "best").exists()
+
+
+def test_in_process_loader_and_worker_dataloader_give_the_same_batches() -> None:
+    from still.engine.data import make_loader
+
+    mem = InMemoryDataset(x=torch.randn(40, 3), y=torch.arange(40))
+    plain = [{"x": mem.tensors["x"][i], "y": mem.tensors["y"][i], "index": torch.tensor(i)} for i in range(40)]
+    kw = dict(seed=5, epoch=1, start=1, rank=1, world_size=2)
+    fast = list(make_loader(mem, 4, **kw))
+    workers = list(make_loader(mem, 4, num_workers=1, **kw))
+    listed = list(make_loader(plain, 4, **kw))  # no __getitems__: samples are stacked by default_collate
+    assert len(fast) == len(workers) == len(listed) == 40 // 8 - 1
+    for a, b, c in zip(fast, workers, listed):
+        for k in ("x", "y", "index"):
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
