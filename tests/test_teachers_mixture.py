@@ -228,3 +228,33 @@ def test_masked_mixture_state_roundtrip() -> None:
     assert isinstance(other.members[0].masknet, MaskNet2d) and isinstance(other.members[1].masknet, MaskNet1d)
     torch.testing.assert_close(other.views(batch, ["logits_experts"])["logits_experts"],
                                mix.views(batch, ["logits_experts"])["logits_experts"])
+
+
+def test_engine_calls_ema_after_step_and_self_teacher() -> None:
+    from still.engine import TrainConfig, train
+    from still.objective import Objective, Term
+    from still.registry import LOSSES
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"x": torch.randn(6, generator=g), "y": torch.tensor(i % 4), "index": torch.tensor(i)} for i in range(64)]
+    student = _mlp(3)
+    ema = EMATeacher(student, {"logits": ""}, decay=0.5)
+    w0 = ema.model[0].weight.detach().clone()
+    obj = Objective([Term("kd", LOSSES.build("kd"), student="logits", teacher="logits"),
+                     Term("ce", LOSSES.build("ce"), student="logits", target="y")])
+    cfg = TrainConfig(max_steps=5, batch_size=16, lr=1e-2, progress=False, eval_every_epochs=None)
+    train(student, obj, data, cfg, teacher=ema, student_views={"logits": ""})
+    assert ema.num_updates == 5 and not torch.equal(ema.model[0].weight, w0)
+    # the EMA lags the student: strictly between the start and the student's weights
+    assert 0 < float((ema.model[0].weight - w0).norm()) < float((student[0].weight.detach() - w0).norm())
+    # a self-teacher through the engine: the student views reach views(..., student_views=)
+    seen = []
+
+    class Spy(SelfTeacher):
+        def views(self, batch, names, student_views=None):
+            seen.append(sorted(student_views))
+            return super().views(batch, names, student_views=student_views)
+
+    obj2 = Objective([Term("self_kd", LOSSES.build("kd"), student="logits", teacher="last")])
+    train(_mlp(4), obj2, data, cfg, teacher=Spy({"last": "logits"}), student_views={"logits": ""})
+    assert seen and seen[-1] == ["logits"]
