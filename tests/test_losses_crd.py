@@ -154,3 +154,15 @@ def test_crd_under_bf16_autocast_scores_in_float32() -> None:
     assert v.dtype == torch.float32 and math.isfinite(float(v))
     v.backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_crd_gather_and_full_bank_paths_agree() -> None:
+    crd, s, t, idx, cidx = _setup()
+    crd.eval()
+    full = crd(s, t, idx, contrast_index=cidx)
+    g_full, = torch.autograd.grad(full, s)
+    crd.full_bank_factor = 0  # force gathering the sampled rows
+    gathered = crd(s, t, idx, contrast_index=cidx)
+    g_gath, = torch.autograd.grad(gathered, s)
+    torch.testing.assert_close(full, gathered, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_full, g_gath, rtol=1e-10, atol=1e-12)

@@ -52,6 +52,9 @@ class CRDLoss(nn.Module):
     twice: lower `num_negatives` for small machines.
     """
 
+    #: score the whole bank by one matmul while it has at most this many rows per sampled row
+    full_bank_factor: int = 32
+
     def __init__(self, feat_dim: int = 128, num_negatives: int = 16384, nce_t: float = 0.07,
                  momentum: float = 0.5, num_samples: int | None = None) -> None:
         super().__init__()
@@ -130,10 +133,8 @@ class CRDLoss(nn.Module):
             contrast_index = torch.randint(0, self.num_data, (b, self.num_negatives + 1), device=vs.device)
             contrast_index[:, 0] = index
         contrast_index = contrast_index.to(vs.device).long()
-        w_t = mem_t[contrast_index.reshape(-1)].view(b, -1, self.feat_dim)
-        w_s = mem_s[contrast_index.reshape(-1)].view(b, -1, self.feat_dim)
-        out_s = torch.exp(torch.bmm(w_t, vs.unsqueeze(2)).squeeze(2) / self.nce_t)  # student vs teacher bank
-        out_t = torch.exp(torch.bmm(w_s, vt.unsqueeze(2)).squeeze(2) / self.nce_t)  # teacher vs student bank
+        out_s = torch.exp(self._scores(vs, mem_t, contrast_index) / self.nce_t)  # student vs teacher bank
+        out_t = torch.exp(self._scores(vt, mem_s, contrast_index) / self.nce_t)  # teacher vs student bank
         n = self.num_data
         if float(self.z[0]) < 0:
             self.z[0] = out_s.detach().mean() * n
@@ -145,6 +146,24 @@ class CRDLoss(nn.Module):
                     rows = mem[index] * self.momentum + v.detach().to(mem.dtype) * (1 - self.momentum)
                     mem.index_copy_(0, index, F.normalize(rows, dim=1))
         return loss
+
+    def _scores(self, v: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """v_b · memory[rows[b, k]] for `v` (B, F), `rows` (B, K+1) -> (B, K+1).
+
+        Scoring the whole bank with one matmul and picking the rows is far faster on CPU than gathering
+        B·(K+1) rows, unless the bank is much larger than the sample (then rows are gathered).
+        """
+        b, k1 = rows.shape
+        n = memory.shape[0]
+        if n <= self.full_bank_factor * k1 and b * n <= 2**26:
+            # autograd keeps the bank for v's gradient; the update after the loss writes it in place
+            bank = memory.clone() if self.training and memory.data_ptr() in self._bank_ptrs() else memory
+            return (v @ bank.t()).gather(1, rows)
+        w = memory[rows.reshape(-1)].view(b, k1, -1)
+        return torch.bmm(w, v.unsqueeze(2)).squeeze(2)
+
+    def _bank_ptrs(self) -> set[int]:
+        return {self.memory_s.data_ptr(), self.memory_t.data_ptr()}
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # A fresh CRD (bank not grown, heads not built yet) takes the saved shapes.
