@@ -124,6 +124,13 @@ def test_augmented_views_are_keyed_by_view_id(tmp_path: Path) -> None:
         t.views({"index": torch.tensor([12]), "view_id": torch.tensor([7])}, ["logits16"])
     with pytest.raises(KeyError, match="no view"):
         t.views(b, ["feat"])
+    # the (sample, view) index is a checksummed file too
+    assert t.manifest["index"]["kind"] == "sorted" and verify(out).ok
+    idx = out / "index.safetensors"
+    idx.write_bytes(idx.read_bytes()[:-1] + bytes([idx.read_bytes()[-1] ^ 1]))
+    assert "index.safetensors: sha256" in str(verify(out))
+    with pytest.raises(StoreError, match="index.safetensors: sha256"):
+        StoreTeacher(out)
 
 
 def test_flipped_byte_fails_verify_and_loading(store: Path, tmp_path: Path) -> None:
@@ -144,9 +151,7 @@ def test_flipped_byte_fails_verify_and_loading(store: Path, tmp_path: Path) -> N
         t.views({"index": torch.tensor([40])}, NAMES)
     with pytest.raises(StoreError, match="shard-00002"):
         TeacherStore(bad, check="open")
-    (bad / "index.safetensors").write_bytes(b"\0" + (bad / "index.safetensors").read_bytes()[1:])
-    with pytest.raises(StoreError, match="index.safetensors: sha256"):
-        StoreTeacher(bad)
+    assert t.manifest["index"] == {"kind": "identity", "rows": 96}  # ids 0..95 in order: no index file
 
 
 def test_changed_teacher_data_or_preprocessing_is_refused(store: Path) -> None:

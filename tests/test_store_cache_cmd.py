@@ -28,7 +28,7 @@ def test_cache_recipe_records_the_recipe_teacher(cached: Path) -> None:
     from still.teachers.store import StoreTeacher
 
     rep = verify_store(cached)
-    assert rep.ok and rep.checked == 5 and "OK" in str(rep)  # 4 shards (1,347 digits / 400) + index
+    assert rep.ok and rep.checked == 4 and "OK" in str(rep)  # 4 shards (1,347 digits / 400); identity index
     t = StoreTeacher(cached)
     man = t.manifest
     assert man["preprocessing"] == {"factory": None, "name": "digits", "params": {}}

@@ -103,7 +103,7 @@ def test_a_truncated_unfinished_shard_is_rewritten(reference: Path, tmp_path: Pa
     out = tmp_path / "trunc"
     shutil.copytree(reference, out)
     for name in ("manifest.json", "index.safetensors", "shard-00003.json"):
-        (out / name).unlink()
+        (out / name).unlink(missing_ok=True)
     (out / "shard-00003.safetensors").write_bytes(b"partial")
     (out / ".shard-00004.safetensors.tmp-99999").write_bytes(b"junk")  # a dead writer's temp file
     assert _write_here(out) == [3]

@@ -172,6 +172,8 @@ def write_shard(teacher: Teacher, dataset: Any, out: Path, plan: Mapping[str, An
         for k, v in fields.items():
             parts.setdefault(k, []).append(v)
     tensors = {k: torch.cat(v) for k, v in parts.items()}
+    if not bool(tensors[VIEW_ID].any()):
+        del tensors[VIEW_ID]  # un-augmented data: every view id is 0 (8 bytes a row saved)
     sha, nbytes = save_tensors(out / shard_name(s), tensors, {"still_store": f"format={FORMAT_VERSION} shard={s}"})
     info = {"shard": s, "file": shard_name(s), "rows": hi - lo, "bytes": nbytes, "sha256": sha}
     write_json_atomic(out / shard_name(s).replace(".safetensors", ".json"), info)
@@ -237,29 +239,39 @@ def finalize_store(out: str | Path) -> Path:
     if missing:
         raise StoreError(f"{out}: {len(missing)} of {plan['n_shards']} shards are not written yet "
                          f"(e.g. {missing[:8]}); rerun the writer (it resumes) before finalizing")
-    sid, vid, shard, row = [], [], [], []
-    for s, info in enumerate(infos):
+    sid, vid = [], []
+    for info in infos:
         m = MappedTensors(out / info["file"])
-        a, b = np.array(m.array(SAMPLE_ID)), np.array(m.array(VIEW_ID))
+        a = np.array(m.array(SAMPLE_ID))
+        b = np.array(m.array(VIEW_ID)) if VIEW_ID in m.header else np.zeros_like(a)
         if len(a) != info["rows"]:
             raise StoreError(f"{info['file']}: {len(a)} rows, its sidecar says {info['rows']}")
-        sid.append(a), vid.append(b), shard.append(np.full(len(a), s, np.int32)), row.append(np.arange(len(a)))
-    sid_a, vid_a, shard_a, row_a = (np.concatenate(x) for x in (sid, vid, shard, row))
-    order = np.lexsort((vid_a, sid_a))
-    sid_a, vid_a, shard_a, row_a = sid_a[order], vid_a[order], shard_a[order], row_a[order]
+        sid.append(a), vid.append(b)
+    sid_a, vid_a = np.concatenate(sid), np.concatenate(vid)
+    order = np.lexsort((vid_a, sid_a))  # global row (shard * shard_size + row) in (sample, view) order
+    sid_a, vid_a = sid_a[order], vid_a[order]
     dup = np.flatnonzero((sid_a[1:] == sid_a[:-1]) & (vid_a[1:] == vid_a[:-1]))
     if len(dup):
-        i = dup[0]
-        raise StoreError(f"{out}: sample id {sid_a[i]} view id {vid_a[i]} is recorded twice (shards {shard_a[i]} "
-                         f"and {shard_a[i + 1]}); ids must be unique per (sample, view)")
-    idx_sha, idx_bytes = save_tensors(out / INDEX, {"sample_id": torch.from_numpy(sid_a), "view_id": torch.from_numpy(vid_a),
-                                                    "shard": torch.from_numpy(shard_a), "row": torch.from_numpy(row_a)})
+        i, S = dup[0], plan["shard_size"]
+        raise StoreError(f"{out}: sample id {sid_a[i]} view id {vid_a[i]} is recorded twice (shards "
+                         f"{order[i] // S} and {order[i + 1] // S}); ids must be unique per (sample, view)")
+    n_rows = int(len(sid_a))
+    if not vid_a.any() and np.array_equal(sid_a, np.arange(n_rows)) and np.array_equal(order, np.arange(n_rows)):
+        index: dict[str, Any] = {"kind": "identity", "rows": n_rows}  # sample id i is global row i: no index file
+        (out / INDEX).unlink(missing_ok=True)
+        idx_bytes = 0
+    else:
+        cols = {"sample_id": torch.from_numpy(sid_a), "row": torch.from_numpy(order.astype(np.int64))}
+        if vid_a.any():
+            cols["view_id"] = torch.from_numpy(vid_a)
+        idx_sha, idx_bytes = save_tensors(out / INDEX, cols)
+        index = {"kind": "sorted", "file": INDEX, "rows": n_rows, "bytes": idx_bytes, "sha256": idx_sha}
     specs = [ViewSpec.from_json(v) for v in plan["views"]]
     manifest = {
         **plan,
         "shards": [{k: i[k] for k in ("file", "rows", "bytes", "sha256")} for i in infos],
-        "index": {"file": INDEX, "rows": int(len(sid_a)), "bytes": idx_bytes, "sha256": idx_sha},
-        "n_rows": int(len(sid_a)),
+        "index": index,
+        "n_rows": n_rows,
         "views_per_sample_max": int(np.max(np.unique(sid_a, return_counts=True)[1])),
         "bytes_per_row": {s.name: s.bytes_per_row() for s in specs},
         "bytes_per_position": {s.name: s.bytes_per_position() for s in specs},
@@ -297,7 +309,7 @@ def verify(path: str | Path) -> VerifyReport:
         return VerifyReport(path, False, bad=[f"no {MANIFEST}: {why}"])
     man = json.loads((path / MANIFEST).read_text())
     rep = VerifyReport(path, True)
-    for f in [*man["shards"], man["index"]]:
+    for f in [*man["shards"], *([man["index"]] if "file" in man["index"] else [])]:
         p = path / f["file"]
         if not p.exists():
             rep.bad.append(f"{f['file']}: missing")
@@ -335,11 +347,14 @@ class TeacherStore:
             raise StoreError(f"{self.path}: format version {self.manifest.get('format_version')}, "
                              f"this still reads version {FORMAT_VERSION}")
         self.specs = {v["name"]: ViewSpec.from_json(v) for v in self.manifest["views"]}
-        if check != "none":
-            self._verify_file(self.manifest["index"])
-        idx = MappedTensors(self.path / INDEX)
-        self._sid, self._vid = idx.array("sample_id"), idx.array("view_id")
-        self._shard, self._row = idx.array("shard"), idx.array("row")
+        self._sid = self._vid = self._pos = None  # identity index: sample id i is row i, view id 0
+        if "file" in self.manifest["index"]:
+            if check != "none":
+                self._verify_file(self.manifest["index"])
+            idx = MappedTensors(self.path / INDEX)
+            self._sid, self._pos = idx.array("sample_id"), idx.array("row")
+            self._vid = idx.array("view_id") if "view_id" in idx.header else np.zeros(len(self._sid), np.int64)
+        self.shard_size = int(self.manifest["shard_size"])
         self._open: dict[int, MappedTensors] = {}
         if check == "open":
             for s in range(len(self.manifest["shards"])):
@@ -362,10 +377,21 @@ class TeacherStore:
             self._open[s] = MappedTensors(self.path / f["file"])
         return self._open[s]
 
-    def lookup(self, sample_ids: np.ndarray, view_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(shard, row) of each (sample id, view id); view id 0 where `view_ids` is None. Missing ids raise."""
+    def lookup(self, sample_ids: np.ndarray, view_ids: np.ndarray | None = None) -> np.ndarray:
+        """Global row (shard * shard_size + row) of each (sample id, view id); view id 0 where `view_ids` is
+        None. Missing ids raise MissingRecordError naming them."""
         q = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
         qv = np.zeros_like(q) if view_ids is None else np.asarray(view_ids, dtype=np.int64).reshape(-1)
+        if self._sid is None:
+            bad = np.flatnonzero((q < 0) | (q >= len(self)) | (qv != 0))
+            if len(bad):
+                i = bad[0]
+                what = ("it records view id 0 only" if 0 <= q[i] < len(self) else
+                        f"that sample id is not in the store (it holds sample ids 0..{len(self) - 1})")
+                raise MissingRecordError(
+                    f"store {self.path} has no record of sample id {q[i]} view id {qv[i]}: {what}; {len(bad)} of "
+                    f"the {len(q)} ids asked are missing. The store never falls back to another view.")
+            return q
         lo, hi = np.searchsorted(self._sid, q, "left"), np.searchsorted(self._sid, q, "right")
         width = max(1, int((hi - lo).max(initial=0)))
         cand = lo[:, None] + np.arange(width)
@@ -381,26 +407,28 @@ class TeacherStore:
             raise MissingRecordError(
                 f"store {self.path} has no record of sample id {q[i]} view id {qv[i]}: {what}{hint}; "
                 f"{len(bad)} of the {len(q)} ids asked are missing. The store never falls back to another view.")
-        pos = cand[np.arange(len(q)), match.argmax(1)]
-        return self._shard[pos], self._row[pos]
+        return self._pos[cand[np.arange(len(q)), match.argmax(1)]]
 
-    def gather(self, names: Sequence[str], shard: np.ndarray, row: np.ndarray) -> dict[str, torch.Tensor | TopKLogits]:
-        """Decoded views of the given rows, in order: dense tensors (stored dtype) or TopKLogits."""
-        out: dict[str, Any] = {}
-        for name in names:
-            spec = self.specs[name]
-            fields: dict[str, np.ndarray] = {}
-            for fname, (_, fshape) in spec.fields().items():
-                buf = None
-                for s in np.unique(shard):
-                    sel = np.flatnonzero(shard == s)
-                    part = self.shard(int(s)).array(fname)[row[sel]]
-                    if buf is None:
-                        buf = np.empty((len(row), *part.shape[1:]), dtype=part.dtype)
-                    buf[sel] = part
-                fields[fname] = buf
-            out[name] = decode_view(spec, fields)
-        return out
+    def gather(self, names: Sequence[str], pos: np.ndarray) -> dict[str, torch.Tensor | TopKLogits]:
+        """Decoded views of the given global rows, in order: dense tensors (stored dtype) or TopKLogits."""
+        pos = np.asarray(pos, dtype=np.int64)
+        shard, row = np.divmod(pos, self.shard_size)
+        fnames = [(name, f) for name in names for f in self.specs[name].fields()]
+        bufs: dict[str, np.ndarray] = {}
+        uniq = np.unique(shard)
+        for s in uniq:
+            sel = None if len(uniq) == 1 else np.flatnonzero(shard == s)
+            rows = row if sel is None else row[sel]
+            m = self.shard(int(s))
+            for _, f in fnames:
+                part = m.array(f)[rows]
+                if sel is None:
+                    bufs[f] = part
+                    continue
+                if f not in bufs:
+                    bufs[f] = np.empty((len(pos), *part.shape[1:]), dtype=part.dtype)
+                bufs[f][sel] = part
+        return {name: decode_view(self.specs[name], bufs) for name in names}
 
 
 @register_teacher("store")
@@ -437,8 +465,7 @@ class StoreTeacher(Teacher):
     def views(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
         self._check_names(names)
         sid, vid = _ids(batch)
-        shard, row = self.store.lookup(sid, vid if "view_id" in batch else None)
-        got = self.store.gather(names, shard, row)
+        got = self.store.gather(names, self.store.lookup(sid, vid if "view_id" in batch else None))
         index = batch["index"]
         device = self.device or (index.device if isinstance(index, torch.Tensor) else "cpu")
         out: dict[str, Any] = {}
