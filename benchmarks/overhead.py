@@ -125,7 +125,8 @@ def main() -> None:
                             "1-step train() call, ms"], rows)
     ok = head["ratio"] <= 1.05
     md = (
-        f"KD training step (MLPs, AdamW lr 1e-3 wd 0.01, 0.9·KL·T² + 0.1·CE, T = 4) through `still.engine.train` vs a hand-written minimal "
+        f"KD training step (MLPs, AdamW lr 1e-3 wd 0.01, 0.9·KL·T² + 0.1·CE, T = 4) through `still.engine.train` "
+        f"vs a hand-written minimal "
         f"PyTorch loop on the same models, data and batches. {steps} steps per run, median of {repeats} interleaved "
         f"runs, {a.threads} thread(s), CPU. The still side is a whole `train(max_steps={steps})` call (accelerate "
         f"set-up, validation batch, optimizer, data loader, logging every {a.log_every} steps): nothing "

@@ -278,7 +278,8 @@ def train_step(model: nn.Module, optimizer: Any, scheduler: Any, accelerator: An
     return values, lr, grad_norm
 
 
-def evaluate(eval_fn: Callable[[nn.Module], Mapping[str, Any]], student: nn.Module, accelerator: Any) -> dict[str, float]:
+def evaluate(eval_fn: Callable[[nn.Module], Mapping[str, Any]], student: nn.Module,
+             accelerator: Any) -> dict[str, float]:
     """`eval_fn(student)` in eval mode, without gradients; every process runs it."""
     was_training = student.training
     student.eval()
