@@ -7,6 +7,10 @@ student itself (`SelfTeacher`: the last exit's logits, detached). Terms:
 - `exits_kd` (weight `kd_weight`): Σ_{i<last} α_i·T²·KL(softmax(z_last/T) ‖ softmax(z_i/T)), every
   exit distilled from the last layer with the same α_i. The paper has no explicit divergence
   (`kd_weight=0` is the paper's loss exactly); still adds it as the explicit deep→shallow signal.
+
+With the paper's *shared* exit head the explicit KD also trains that head to map shallow features to
+the deep exit's softened output, which can cost accuracy at every exit; with one head per exit
+(`multi_exit_mlp(shared_head=False)`) it is the BYOT-style form. `benchmarks/seed_core.py` measures both.
 """
 
 from __future__ import annotations
