@@ -249,3 +249,27 @@ def test_in_process_loader_and_worker_dataloader_give_the_same_batches() -> None
     for a, b, c in zip(fast, workers, listed):
         for k in ("x", "y", "index"):
             assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k])
+
+
+class KwStudent(nn.Module):
+    """A student called with a keyword argument: `forward(features=(B, 64)) -> {"logits": (B, 10)}`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(features)}
+
+
+def test_student_inputs_dict_outputs_and_load_student(tmp_path: Path) -> None:
+    from still.engine import load_student
+
+    teacher, _ = digits_kd.models(0, dropout=0.0)
+    student = KwStudent()
+    train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=4, batch_size=32, progress=False),
+          teacher=LiveTeacher(teacher, {"logits": ""}), student_views={"logits": "[logits]"},
+          student_inputs={"features": "x"}, out_dir=tmp_path)
+    fresh = KwStudent()
+    load_student(tmp_path / "checkpoints" / "last", fresh)
+    assert torch.equal(fresh.fc.weight, student.fc.weight)
