@@ -153,10 +153,10 @@ def test_sigkill_then_resume_reaches_the_same_weights(tmp_path: Path) -> None:
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     steps = 20
     one = tmp_path / "one"
-    digits_kd.run(str(one), batch_size=32, steps=steps, dropout=0.0, checkpoint_every=None)
+    digits_kd.run(str(one), batch_size=32, steps=steps, dropout=0.0, checkpoint_every=None, eval_every=10)
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-           str(two), "--batch-size", "16", "--steps", str(steps), "--dropout", "0"]
+           str(two), "--batch-size", "16", "--steps", str(steps), "--dropout", "0", "--eval-every", "10"]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r1, r2 = _train_records(one), _train_records(two)
@@ -164,6 +164,12 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     for a, b in zip(r1, r2):
         for key in ("total", "loss/kd", "loss/ce", "loss/hint"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    # evaluations: the main process's figures are recorded and followed (rank 1's differ on purpose)
+    e1 = [r for r in read_metrics(one) if r["split"] == "eval"]
+    e2 = [r for r in read_metrics(two) if r["split"] == "eval"]
+    assert [r["step"] for r in e2] == [10, 20]
+    assert [r["accuracy"] for r in e2] == pytest.approx([r["accuracy"] for r in e1], rel=1e-6)
+    assert (two / "checkpoints" / "best" / "state.json").is_file()
     # the 2-process run sees 2 x 16 samples per step, like the 1-process run
     assert json.loads((two / "checkpoints" / "last" / "state.json").read_text())["global_batch"] == 32
     for name in ("student", "objective"):

@@ -280,7 +280,8 @@ def train_step(model: nn.Module, optimizer: Any, scheduler: Any, accelerator: An
 
 def evaluate(eval_fn: Callable[[nn.Module], Mapping[str, Any]], student: nn.Module,
              accelerator: Any) -> dict[str, float]:
-    """`eval_fn(student)` in eval mode, without gradients; every process runs it."""
+    """`eval_fn(student)` in eval mode, without gradients. Every process runs it (FSDP needs them all);
+    the main process's figures are the ones recorded."""
     was_training = student.training
     student.eval()
     try:
@@ -440,6 +441,10 @@ def train(
         if len(window):
             window.check(window.matrix(accelerator), last_ckpt, out)
         metrics = evaluate(eval_fn, student, accelerator)
+        if world > 1:  # every process follows the main one's figures, so best-checkpoint decisions agree
+            from accelerate.utils import broadcast_object_list
+
+            metrics = broadcast_object_list([metrics], from_process=0)[0]
         final_eval, state.last_eval_step = metrics, state.step
         record({"split": "eval", "eval": True, "step": state.step, "epoch": round(state.epoch_float(plan), 6),
                 **metrics})
