@@ -189,6 +189,12 @@ def test_bf16():
     torch.testing.assert_close(loss, want, rtol=2e-2, atol=2e-3)
     for a, b in zip(gs, torch.autograd.grad(want, f32)):
         torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-3)
+    # mixed precision (autocast-style): bf16 hidden states, fp32 head -> GEMMs in bf16, grads in each leaf's dtype
+    ws32 = ws.detach().float().requires_grad_()
+    mixed = chunked_distill_loss(hs, ws32, ht, wt.float(), labels=labels, divergence="jsd", chunk_size=8)
+    g_h, g_w = torch.autograd.grad(mixed, [hs, ws32])
+    assert g_h.dtype == torch.bfloat16 and g_w.dtype == torch.float32
+    torch.testing.assert_close(mixed, chunked_distill_loss(hs, ws, ht, wt, labels=labels, divergence="jsd", chunk_size=8))
 
 
 def test_softcap_matches_dense():

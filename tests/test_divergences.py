@@ -279,11 +279,11 @@ def test_sinkhorn_against_pot_exact_and_entropic_ot():
     C = torch.cdist(ps, pt, p=1).numpy()
     a = b = [1 / 7] * 7
     entropic = ot.sinkhorn2(a, b, C, reg=0.1, numItermax=10000, stopThr=1e-12)
-    ours = D.sinkhorn(s, t, eps=0.1, n_iters=2000)  # mean = Σ P·C / M = OT cost with uniform 1/M marginals
+    ours = D.sinkhorn(s, t, eps=0.1, n_iters=200)  # mean = Σ P·C / M = OT cost with uniform 1/M marginals
     assert ours.item() == pytest.approx(float(entropic), rel=1e-4)
     exact = ot.emd2(a, b, C)
-    sharp = D.sinkhorn(s, t, eps=0.002, n_iters=5000)  # the log-domain iteration survives a tiny eps
-    assert float(exact) - 1e-6 <= sharp.item() <= float(exact) + 0.01
+    sharp = D.sinkhorn(s, t, eps=0.01, n_iters=300)  # exp(-C/0.01) underflows in fp32; the log domain does not
+    assert float(exact) - 1e-6 <= sharp.item() <= float(exact) + 0.005
     assert ours.item() >= float(exact) - 1e-6
 
 

@@ -83,6 +83,7 @@ class _Plan:
     ce_scale: float
     chunk: int
     n_params: int
+    grad_enabled: bool = True
     s_cap: float | None = None
     t_cap: float | None = None
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -105,7 +106,9 @@ class _ChunkedDistill(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_h, need_w, need_b = need[2], need[3], bs is not None and need[4]
         need_p = [bool(x) for x in need[12:]]
-        grads_on = any([need_h, need_w, need_b, *need_p])
+        grads_on = plan.grad_enabled and any([need_h, need_w, need_b, *need_p])
+        need_h, need_w, need_b = need_h and grads_on, need_w and grads_on, need_b and grads_on
+        need_p = [k and grads_on for k in need_p]
         N, n = hs.shape[0], idx.numel()
         dense = n == N
 
@@ -114,6 +117,12 @@ class _ChunkedDistill(torch.autograd.Function):
 
         hs_v, ht_v, tl_v, ids_v, vals_v, lab_v = map(take, (hs, ht, t_logits, t_ids, t_vals, labels))
         V, dtype, c = ws.shape[0], hs.dtype, plan.chunk
+        # mixed precision (e.g. bf16 hidden states under autocast, fp32 heads): GEMMs in the hidden states' dtype
+        ws_c = ws if ws.dtype == dtype else ws.to(dtype)
+        bs_c = bs if bs is None or bs.dtype == dtype else bs.to(dtype)
+        if ht is not None:
+            wt = wt if wt.dtype == ht.dtype else wt.to(ht.dtype)
+            bt = bt if bt is None or bt.dtype == ht.dtype else bt.to(ht.dtype)
         g_hs = torch.empty_like(hs_v) if need_h else None
         g_w = torch.zeros(V, ws.shape[1], dtype=torch.float32, device=ws.device) if need_w else None
         g_tmp = torch.empty(V, ws.shape[1], dtype=dtype, device=ws.device) if need_w and dtype != torch.float32 else None
@@ -127,9 +136,9 @@ class _ChunkedDistill(torch.autograd.Function):
         for a in range(0, n, c):
             m = min(c, n - a)
             h = hs_v[a:a + m]
-            zs = torch.mm(h, ws.t(), out=zs_buf[:m])
-            if bs is not None:
-                zs.add_(bs)
+            zs = torch.mm(h, ws_c.t(), out=zs_buf[:m])
+            if bs_c is not None:
+                zs.add_(bs_c)
             if plan.teacher_kind == "hidden":
                 zt = torch.mm(ht_v[a:a + m], wt.t(), out=zt_buf[:m])
                 if bt is not None:
@@ -171,7 +180,7 @@ class _ChunkedDistill(torch.autograd.Function):
             if plan.s_cap:  # d(cap·tanh(z/cap))/dz = 1 − (c/cap)², c = s·T
                 g.mul_(1.0 - (s.detach() * (T / plan.s_cap)).square_())
             if need_h:
-                torch.mm(g.to(dtype), ws, out=g_hs[a:a + m])
+                torch.mm(g.to(dtype), ws_c, out=g_hs[a:a + m])
             if need_w:
                 if g_tmp is None:
                     g_w.addmm_(g.t(), h)
@@ -308,7 +317,7 @@ def chunked_distill_loss(
         chunk = int(chunk_size) if chunk_size else default_chunk_size(V, max(n, 1))
     tscale = float(temperature) ** 2 if scale_t2 else 1.0
     plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / count, ce_weight / count, max(chunk, 1),
-                 len(mod_params), student_softcap, teacher_softcap)
+                 len(mod_params), torch.is_grad_enabled(), student_softcap, teacher_softcap)
     if n == 0:  # nothing counts: an exact zero that still back-propagates (zero gradients)
         zero = sum((x.reshape(-1)[:0].float().sum() for x in (hs, ws, bs, *mod_params) if x is not None),
                    hs.new_zeros((), dtype=torch.float32))  # empty slices: exactly 0, even with -inf biases
