@@ -273,3 +273,11 @@ def test_student_inputs_dict_outputs_and_load_student(tmp_path: Path) -> None:
     fresh = KwStudent()
     load_student(tmp_path / "checkpoints" / "last", fresh)
     assert torch.equal(fresh.fc.weight, student.fc.weight)
+
+
+def test_progress_bar_shows_live_loss_terms(capsys) -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+    train(student, _kd_objective(), digits_kd.synthetic(), TrainConfig(max_steps=6, batch_size=32, log_every=2),
+          teacher=LiveTeacher(teacher, {"logits": ""}))
+    err = capsys.readouterr().err
+    assert "6/6" in err and "kd=" in err and "total=" in err
