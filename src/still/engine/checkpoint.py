@@ -124,10 +124,11 @@ def write_checkpoint(
 
 def _swap_in(tmp: Path, final: Path) -> None:
     old = final.parent / f".{final.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
     if final.exists():
+        if old.exists():  # a leftover of an earlier interrupted swap; `final` is complete
+            shutil.rmtree(old)
         os.replace(final, old)
+    # (if `final` is missing, `old` may be the only complete copy: it stays until `tmp` is in place)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     try:  # make the renames durable
