@@ -281,3 +281,15 @@ def test_progress_bar_shows_live_loss_terms(capsys) -> None:
           teacher=LiveTeacher(teacher, {"logits": ""}))
     err = capsys.readouterr().err
     assert "6/6" in err and "kd=" in err and "total=" in err
+
+
+def test_iterable_data_is_refused_with_a_clear_error() -> None:
+    teacher, student = digits_kd.models(0, dropout=0.0)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"x": torch.zeros(64)}
+
+    with pytest.raises(TypeError, match="map-style data set"):
+        train(student, _kd_objective(), Stream(), TrainConfig(max_steps=1, progress=False),
+              teacher=LiveTeacher(teacher, {"logits": ""}))

@@ -14,10 +14,33 @@ same samples per step as a 1-process run with batch `2B`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many batches and steps an epoch has, and how many steps the run takes."""
+
+    batches_per_epoch: int  # micro-batches used per epoch (a multiple of grad_accum)
+    steps_per_epoch: int
+    total_steps: int
+    global_batch: int       # samples per micro-batch over all processes
+
+    @classmethod
+    def make(cls, n: int, cfg: Any, world: int) -> Plan:
+        """From the data set size, a `TrainConfig` and the number of processes."""
+        gb = cfg.batch_size * world
+        spe = (n // gb) // cfg.grad_accum
+        if spe < 1:
+            raise ValueError(f"the training data has {n} samples, fewer than one optimizer step needs: batch_size "
+                             f"{cfg.batch_size} x {world} process(es) x grad_accum {cfg.grad_accum} = "
+                             f"{gb * cfg.grad_accum}")
+        total = int(cfg.max_steps) if cfg.max_steps else cfg.epochs * spe
+        return cls(spe * cfg.grad_accum, spe, total, gb)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:

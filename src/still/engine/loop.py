@@ -9,6 +9,11 @@ teacher views -> objective -> backward; then clip, optimizer step, LR step, `tea
 Around it, small functions log (every `log_every` steps), evaluate (every `eval_every` steps and/or
 `eval_every_epochs` epochs), and checkpoint (every `checkpoint_every` steps, at each epoch end and
 at the end). The hot path makes no host sync: loss values stay on the device until a log step.
+
+Distributed: launch the same script with `torchrun --nproc_per_node N script.py` or `accelerate launch`
+(DDP; FSDP through an accelerate config). `batch_size` is per process; each process takes its slice of
+every global batch (`still.engine.data`), losses are logged as means over processes, only the main
+process writes files, and every process loads the checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from torch import nn
 
 from still.engine import checkpoint as ckpt
-from still.engine.data import collate, make_loader, to_device
+from still.engine.data import Plan, collate, make_loader, to_device
 from still.engine.logging import LossWindow, Progress, build_loggers, read_metrics, truncate_metrics
 from still import schedules
 from still.objective import Objective
@@ -188,28 +193,7 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-# -- the data plan ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Plan:
-    """How many batches and steps an epoch has, and how many steps the run takes."""
-
-    batches_per_epoch: int  # micro-batches used per epoch (a multiple of grad_accum)
-    steps_per_epoch: int
-    total_steps: int
-    global_batch: int       # samples per micro-batch over all processes
-
-    @classmethod
-    def make(cls, n: int, cfg: TrainConfig, world: int) -> Plan:
-        gb = cfg.batch_size * world
-        spe = (n // gb) // cfg.grad_accum
-        if spe < 1:
-            raise ValueError(f"the training data has {n} samples, fewer than one optimizer step needs: batch_size "
-                             f"{cfg.batch_size} x {world} process(es) x grad_accum {cfg.grad_accum} = "
-                             f"{gb * cfg.grad_accum}")
-        total = int(cfg.max_steps) if cfg.max_steps else cfg.epochs * spe
-        return cls(spe * cfg.grad_accum, spe, total, gb)
-
-
+# -- where the run is ---------------------------------------------------------------------------------
 @dataclass
 class RunState:
     """Where the run is: optimizer steps done, epoch, micro-batches done in the epoch, best metric."""
@@ -368,6 +352,9 @@ def train(
         teacher.to(accelerator.device)
     module = DistillModule(student, objective, views, student_inputs, teacher, teacher_names)
     module.to(accelerator.device).train()
+    if not (hasattr(train_data, "__len__") and hasattr(train_data, "__getitem__")):
+        raise TypeError(f"train_data must be a map-style data set (__len__ and __getitem__ giving dict samples), "
+                        f"got {type(train_data).__name__}; exact resume needs indexable data")
     plan = Plan.make(len(train_data), cfg, world)
     objective.set_progress(0, plan.total_steps)
     loader_args = dict(seed=cfg.seed, rank=accelerator.process_index, world_size=world,
