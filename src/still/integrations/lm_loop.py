@@ -173,14 +173,15 @@ def _lr_lambda(cfg: LMDistillConfig) -> Callable[[int], float]:
 def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teacher | None = None,
              collate: Callable | None = None, to_teacher_ids: Callable[[torch.Tensor], torch.Tensor] | None = None,
              to_student_ids: Callable[[torch.Tensor], torch.Tensor] | None = None, ddk_eval: Any = None,
-             ddk_teacher_ppl: Sequence[float] | None = None, span_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             ddk_teacher_ppl: Sequence[float] | None = None, offline_teacher: Teacher | None = None, span_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
              log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `student` on `data` (LMBlocks) for `cfg.steps` steps; returns timings, losses and DDK weights.
 
     `teacher`: a still Teacher serving "lm" (live, `CausalLMTeacher`) or "topk" (`TopKCacheTeacher`);
     None trains from scratch (CE only). `to_teacher_ids` maps student ids to the teacher's (sub-vocabulary
     students) for generated sequences, `to_student_ids` the reverse (seq-KD); `ddk_eval` (LMBlocks) is DDK's per-domain validation set;
-    `ddk_teacher_ppl` its teacher perplexities per domain (needed when `teacher` is a store, which cannot
+    `offline_teacher` (e.g. the same teacher's top-k store) serves the off-policy steps of on-policy methods,
+    so the live teacher only scores generations. `ddk_teacher_ppl` its teacher perplexities per domain (needed when `teacher` is a store, which cannot
     score text); `span_fn(input_ids) -> span_ids` gives the span loss its spans.
     """
     collate = collate or default_collate
@@ -251,13 +252,17 @@ def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teach
                 on_policy_steps += 1
         s_out = lm_head_outputs(student, batch)
         t_out = None
-        if teacher is not None and kd_w:
-            t_out = teacher.views(batch, [view])[view]
+        src, src_view = teacher, view
+        if kd_mask is None and offline_teacher is not None:
+            src = offline_teacher
+            src_view = "lm" if "lm" in offline_teacher.view_specs and not isinstance(offline_teacher, TopKCacheTeacher) else "topk"
+        if src is not None and kd_w:
+            t_out = src.views(batch, [src_view])[src_view]
         loss = lm_kd(s_out, t_out, labels=batch["labels"], attention_mask=batch.get("attention_mask"),
                      divergence=cfg.divergence, temperature=cfg.temperature, beta=cfg.beta,
                      kd_weight=kd_w if t_out is not None else 0.0, ce_weight=ce_w, kd_rows=cfg.kd_rows,
                      chunk_size=cfg.chunk_size, kd_mask=kd_mask)
-        if cfg.span_weight and t_out is not None and span_fn is not None and view == "lm":
+        if cfg.span_weight and t_out is not None and span_fn is not None and hasattr(t_out, "hidden"):
             loss = loss + cfg.span_weight * span_kd(s_out, t_out, span_fn(batch["input_ids"]),
                                                     kd_rows=cfg.kd_rows, chunk_size=cfg.chunk_size)
         opt.zero_grad(set_to_none=True)

@@ -91,7 +91,13 @@ class _DistillMixin:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         max_steps = max(int(getattr(self.state, "max_steps", 0) or 0), 1)
-        self.objective.set_progress(int(self.state.global_step), max_steps)
+        step = int(self.state.global_step)
+        if model.training and step != getattr(self, "_still_last_step", None):
+            # the Trainer zeroes only the model's grads after each optimizer step: clear the objective's
+            # (adapters, stateful losses) at the first micro-batch of every step, or they would accumulate
+            self.objective.zero_grad(set_to_none=True)
+            self._still_last_step = step
+        self.objective.set_progress(step, max_steps)
         self.objective.to(next(model.parameters()).device)
         s_views = student_views_of(model, inputs, self.student_view_specs)
         names = self.objective.teacher_views()
@@ -112,7 +118,26 @@ class _DistillMixin:
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
     # -- optimizer: the objective's own parameters train with the student -----------------------------
+    def _materialise_objective(self) -> None:
+        """One batch through student, teacher and `objective.validate` (as still's engine does), so lazy
+        adapters exist before the optimizer is built and shape errors surface before any training."""
+        ds = getattr(self, "train_dataset", None)
+        if ds is None or getattr(self, "_still_validated", False):
+            return
+        batch = self.data_collator([ds[i] for i in range(min(2, len(ds)))])
+        batch = self._prepare_inputs(batch)
+        # fork_rng: the pass (and the adapters' init) must not shift the Trainer's RNG stream, so a resumed run
+        # (where it happens at another point) sees the same data order and dropout as an uninterrupted one
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            s_views = student_views_of(self.model, batch, self.student_view_specs)
+            names = self.objective.teacher_views()
+            t_views = self.teacher.views(batch, names) if names else {}
+            self.objective.to(next(self.model.parameters()).device)
+            self.objective.validate(s_views, t_views, batch)
+        self._still_validated = True
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        self._materialise_objective()
         opt = super().create_optimizer(*([model] if model is not None else []))  # type: ignore[misc]
         extra = [p for p in self.objective.parameters() if p.requires_grad]
         if extra and not getattr(self, "_still_group_added", False):
@@ -131,6 +156,7 @@ class _DistillMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        self._materialise_objective()  # lazy adapters must exist before their weights are loaded
         path = os.path.join(resume_from_checkpoint, OBJECTIVE_FILE)
         if os.path.exists(path):
             from safetensors.torch import load_file
