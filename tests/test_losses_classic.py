@@ -158,6 +158,18 @@ def test_dkd_identical_zero_two_classes_and_errors() -> None:
         dkd(s, s, torch.tensor([0, 1]))
 
 
+def test_dkd_token_logits_ignore_index() -> None:
+    s, t = _logits(10, b=6)
+    y = torch.tensor([[0, -100, 3], [6, 2, -100]])
+    keep = y.reshape(-1) != -100
+    got = dkd(s.view(2, 3, C), t.view(2, 3, C), y)
+    _check(got, naive_dkd(s[keep], t[keep], y.reshape(-1)[keep], 1.0, 8.0, 4.0), s)
+    none = dkd(s, t, torch.full((6,), -100))
+    assert float(none) == 0.0 and none.requires_grad
+    with pytest.raises(ValueError, match="labels must lie in"):
+        dkd(s, t, torch.tensor([0, 1, 2, 3, 4, 7]))
+
+
 # ----------------------------------------------------------------------------------- DIST
 def _pearson(a: list, b: list) -> torch.Tensor:
     n = len(a)

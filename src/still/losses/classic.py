@@ -82,18 +82,27 @@ def _split_target(z: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
 @register_loss("dkd", paper="Zhao, Cui, Song, Qiu, Liang. Decoupled Knowledge Distillation (CVPR 2022)",
                example=_labelled_example)
 def dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
-        beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+        beta: float = 8.0, temperature: float = 4.0, ignore_index: int = -100) -> torch.Tensor:
     """Decoupled KD: α·TCKD + β·NCKD, each a T²-scaled KL, batch-mean.
 
     TCKD is the KL between the binary (target, all non-targets) distributions of teacher and
     student; NCKD the KL between their distributions over the non-target classes only.
-    `student`, `teacher`: logits `(B, C)` with C ≥ 2; `labels`: `(B,)` int64 (term `inputs={"labels": "y"}`).
+    `student`, `teacher`: logits `(B, C)` (or `(B, T, C)`) with C ≥ 2; `labels`: `(B,)` (or `(B, T)`) int64
+    (term `inputs={"labels": "y"}`); rows labelled `ignore_index` are left out of the mean.
     """
     t = float(temperature)
     zs, zt = _rows(student) / t, _rows(teacher) / t
     y = labels.reshape(-1).long().to(zs.device)
     if y.shape[0] != zs.shape[0]:
         raise ValueError(f"dkd: {zs.shape[0]} logit rows but {y.shape[0]} labels")
+    keep = y != ignore_index
+    if not bool(keep.all()):
+        if not bool(keep.any()):
+            return zs.sum() * 0.0
+        zs, zt, y = zs[keep], zt[keep], y[keep]
+    if int(y.min()) < 0 or int(y.max()) >= zs.shape[1]:
+        raise ValueError(f"dkd: labels must lie in [0, {zs.shape[1]}) (or be {ignore_index}); got "
+                         f"{int(y.min())}..{int(y.max())}")
     s_gt, s_other, s_nt = _split_target(zs, y)
     t_gt, t_other, t_nt = _split_target(zt, y)
     log_bt = torch.stack([t_gt, t_other], dim=-1)

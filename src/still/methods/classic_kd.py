@@ -73,7 +73,7 @@ def fitnets(hint_weight: float = 100.0, adapter: str | dict | None = "conv1x1", 
         {"name": "hint", "loss": "fitnets", "student": view, "teacher": view, "adapter": adapter,
          "weight": hint_weight},
         _ce(labels),
-    ])
+    ], notes='needs view feat on both sides (a stage output, e.g. layer2 / features.1)')
 
 
 @register_method("at", paper="Zagoruyko, Komodakis. Paying More Attention to Attention (ICLR 2017)")
@@ -89,7 +89,7 @@ def at(beta: float = 1000.0, p: float = 2.0, views: Sequence[str] = ("feat",), l
     return _spec([
         {"name": "at", "loss": "at", "params": {"p": p}, "student": ref, "teacher": ref, "weight": beta / 2},
         _ce(labels),
-    ])
+    ], notes='needs feature-map views (B, C, H, W) on both sides, named by `views`')
 
 
 @register_method("rkd", paper="Park, Kim, Lu, Cho. Relational Knowledge Distillation (CVPR 2019)")
@@ -100,7 +100,7 @@ def rkd(distance_weight: float = 25.0, angle_weight: float = 50.0, weight: float
         {"name": "rkd", "loss": "rkd", "params": {"distance_weight": distance_weight, "angle_weight": angle_weight},
          "student": view, "teacher": view, "weight": weight},
         _ce(labels),
-    ])
+    ], notes='needs view embed on both sides (penultimate features, e.g. "classifier@input")')
 
 
 @register_method("sp", paper="Tung, Mori. Similarity-Preserving Knowledge Distillation (ICCV 2019)")
@@ -110,7 +110,7 @@ def sp(gamma: float = 3000.0, views: Sequence[str] = ("feat",), labels: str = "y
     return _spec([
         {"name": "sp", "loss": "sp", "student": ref, "teacher": ref, "weight": gamma},
         _ce(labels),
-    ])
+    ], notes='needs view feat on both sides (last feature map before pooling)')
 
 
 @register_method("pkt", paper="Passalis, Tefas. Learning Deep Representations with Probabilistic Knowledge Transfer (ECCV 2018)")
@@ -119,7 +119,7 @@ def pkt(weight: float = 30000.0, view: str = "embed", labels: str = "y") -> Meth
     return _spec([
         {"name": "pkt", "loss": "pkt", "student": view, "teacher": view, "weight": weight},
         _ce(labels),
-    ])
+    ], notes='needs view embed on both sides (penultimate features)')
 
 
 @register_method("crd", paper="Tian, Krishnan, Isola. Contrastive Representation Distillation (ICLR 2020)")
@@ -133,7 +133,7 @@ def crd(weight: float = 0.8, feat_dim: int = 128, num_negatives: int = 16384, nc
                     "momentum": momentum, "num_samples": num_samples},
          "student": view, "teacher": view, "inputs": {"index": index}, "weight": weight},
         _ce(labels),
-    ])
+    ], notes='needs view embed on both sides and batch key index (sample id); set num_samples to the data set size')
 
 
 @register_method("dist", paper="Huang, You, Wang, Qian, Xu. Knowledge Distillation from A Stronger Teacher (NeurIPS 2022)")
