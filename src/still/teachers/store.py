@@ -15,6 +15,7 @@ w, w+W, ...; whichever worker completes the last shard merges them into `index.s
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -145,8 +146,6 @@ def _diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[
 
 
 def _shard_complete(out: Path, s: int) -> dict[str, Any] | None:
-    import json
-
     side = out / shard_name(s).replace(".safetensors", ".json")
     if not side.exists():
         return None
@@ -204,8 +203,6 @@ def write_store(teacher: Teacher, dataset: Any, out: str | Path, *, views: Seque
                      tokenizer_hash=tokenizer_hash, collate_fn=collate_fn, device=device)
     out.mkdir(parents=True, exist_ok=True)
     if (out / PLAN).exists():
-        import json
-
         if not resume:
             raise StoreError(f"{out} already holds a store; pass resume=True to continue it or choose a new path")
         diffs = _diff(json.loads((out / PLAN).read_text()), plan)
@@ -228,8 +225,6 @@ def write_store(teacher: Teacher, dataset: Any, out: str | Path, *, views: Seque
 
 def finalize_store(out: str | Path) -> Path:
     """Merge the shards' ids into `index.safetensors` and write `manifest.json` (last). Idempotent."""
-    import json
-
     out = Path(out)
     if not (out / PLAN).exists():
         raise StoreError(f"{out}: no {PLAN}; this is not a store being written")
@@ -301,8 +296,6 @@ class VerifyReport:
 
 def verify(path: str | Path) -> VerifyReport:
     """Check every shard's and the index's sha256 against the manifest."""
-    import json
-
     path = Path(path)
     if not (path / MANIFEST).exists():
         why = "writing never finished (plan.json but no manifest)" if (path / PLAN).exists() else "not a store"
@@ -333,8 +326,6 @@ class TeacherStore:
     """
 
     def __init__(self, path: str | Path, check: str = "first_use") -> None:
-        import json
-
         if check not in ("first_use", "open", "none"):
             raise ValueError(f"check must be 'first_use', 'open' or 'none', got {check!r}")
         self.path, self.check = Path(path), check

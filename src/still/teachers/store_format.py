@@ -299,7 +299,7 @@ def write_atomic(path: Path, data: bytes) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> str:
-    return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n").encode())
 
 
 def canonical_json(obj: Any) -> str:
