@@ -324,7 +324,8 @@ def test_vit_models_tap_stages_and_patch_embeddings() -> None:
     ad = PatchEmbedAdapter()
     assert ad(vs["pe0"], vt["pe0"]).shape == vt["pe0"].shape
     f = MODELS.build("vit_tiny", input_shape=(1, 28, 28))
-    assert forward_with_views(f, torch.randn(2, 1, 28, 28), {"pe0": "stages.0.patch_embed"})[1]["pe0"].shape == (2, 49, 32)
+    pe = forward_with_views(f, torch.randn(2, 1, 28, 28), {"pe0": "stages.0.patch_embed"})[1]["pe0"]
+    assert pe.shape == (2, 49, 32)  # Fashion-MNIST: 7x7 tokens
 
 
 # ------------------------------------------------------------------------------ short end-to-end runs

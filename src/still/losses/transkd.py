@@ -90,7 +90,8 @@ class PatchEmbedAdapter(LazyAdapter):
                              f"{tuple(x.shape)} and teacher {tuple(like.shape)}")
         y = super().forward(x, like)
         if y.shape[1] != like.shape[1]:
-            y = resample_tokens(y, like.shape[1], self.grid_student, self.grid_teacher, self.cls_token)  # type: ignore[arg-type]
+            y = resample_tokens(y, like.shape[1], self.grid_student, self.grid_teacher,  # type: ignore[arg-type]
+                                self.cls_token)
         return y
 
 
