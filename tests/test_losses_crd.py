@@ -166,3 +166,42 @@ def test_crd_gather_and_full_bank_paths_agree() -> None:
     g_gath, = torch.autograd.grad(gathered, s)
     torch.testing.assert_close(full, gathered, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(g_full, g_gath, rtol=1e-10, atol=1e-12)
+
+
+def _ddp_worker(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # same initial bank and heads on both processes
+        crd = CRDLoss(feat_dim=4, num_negatives=8)
+        g = torch.Generator().manual_seed(100 + rank)
+        s, t = torch.randn(3 - rank, 5, generator=g), torch.randn(3 - rank, 6, generator=g)
+        index = torch.tensor([0, 4, 7])[: 3 - rank] + rank * 10  # rank 1 sees ids 10, 14; the bank grows to 15
+        crd(s, t, index)
+        vs, vt = crd.embed(s, t)
+        torch.save({"memory_s": crd.memory_s, "memory_t": crd.memory_t, "z": crd.z, "index": index,
+                    "vs": vs.detach(), "n": crd.num_data}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_crd_banks_stay_identical_across_two_processes(tmp_path) -> None:  # noqa: ANN001
+    """Two gloo processes with different samples: each applies both processes' rows to its bank."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["n"] == r1["n"] == 15
+    for key in ("memory_s", "memory_t", "z"):
+        torch.testing.assert_close(r0[key], r1[key])
+    # each process's rows hold its own embeddings' update (norm 1) on both processes
+    for r in (r0, r1):
+        rows = r0["memory_s"][r["index"]]
+        torch.testing.assert_close(rows.norm(dim=1), torch.ones(len(r["index"])))
+    torch.manual_seed(0)
+    init = CRDLoss(feat_dim=4, num_negatives=8)
+    init._grow(torch.tensor([14]))
+    untouched = [i for i in range(15) if i not in (0, 4, 7, 10, 14)]
+    torch.testing.assert_close(r0["memory_s"][untouched], init.memory_s[untouched])

@@ -27,6 +27,39 @@ def nce_loss(probs: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Ten
     return -(log_d1.sum() + log_d0.sum()) / b
 
 
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate every process's `x` `(n_rank, ...)` along dim 0 (sizes may differ); `x` itself in one process."""
+    world = _world()
+    if world == 1:
+        return x
+    import torch.distributed as dist
+
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    m = max(int(v) for v in sizes)
+    padded = torch.cat([x, x.new_zeros((m - x.shape[0],) + tuple(x.shape[1:]))])
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(v)] for p, v in zip(parts, sizes)])
+
+
+def _all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
+    if _world() == 1:
+        return x
+    import torch.distributed as dist
+
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return x / _world() if op == "mean" else x
+
+
 def _crd_example() -> tuple[tuple, dict]:
     g = torch.Generator().manual_seed(0)
     s = torch.randn(4, 6, generator=g, requires_grad=True)
@@ -44,7 +77,9 @@ class CRDLoss(nn.Module):
     (sized lazily on the first call, trained with the student) to `feat_dim` and L2-normalised. The student
     embedding is scored against K negatives and its positive from the *teacher* memory, and vice versa;
     scores are exp(v·m/τ) normalised by a constant Z fixed on the first batch. After each training-mode
-    call the memories' rows `index` move to normalise(momentum·m + (1 − momentum)·v).
+    call the memories' rows `index` move to normalise(momentum·m + (1 − momentum)·v); under
+    torch.distributed the rows of every process are applied on every process (all-gather), the bank
+    grows alike everywhere and Z is the mean over processes, so the banks stay identical.
 
     `num_samples` fixes the bank size (the data set's size, as in the paper); without it the bank grows
     to cover the largest index seen and negatives are drawn from the ids seen so far. Defaults are the
@@ -81,7 +116,7 @@ class CRDLoss(nn.Module):
         return int(self.num_samples) if self.num_samples else int(self.n_seen)
 
     def _grow(self, index: torch.Tensor) -> None:
-        need = int(index.max()) + 1
+        need = int(_all_reduce(index.max().reshape(1) + 1, "max"))  # every process grows alike
         if self.num_samples:
             if need > int(self.num_samples):
                 raise IndexError(f"crd: sample index {need - 1} >= num_samples={self.num_samples}")
@@ -137,11 +172,14 @@ class CRDLoss(nn.Module):
         out_t = torch.exp(self._scores(vt, mem_s, contrast_index) / self.nce_t)  # teacher vs student bank
         n = self.num_data
         if float(self.z[0]) < 0:
-            self.z[0] = out_s.detach().mean() * n
-            self.z[1] = out_t.detach().mean() * n
+            means = _all_reduce(torch.stack([out_s.detach().mean(), out_t.detach().mean()]), "mean")
+            self.z.copy_(means.to(self.z.dtype) * n)
         loss = nce_loss(out_s / self.z[0].to(out_s.dtype), n) + nce_loss(out_t / self.z[1].to(out_t.dtype), n)
         if self.training:
             with torch.no_grad():
+                # under DDP every process applies every process's rows, so the banks stay identical
+                index = all_gather_rows(index)
+                vs, vt = all_gather_rows(vs.detach()), all_gather_rows(vt.detach())
                 for mem, v in ((self.memory_s, vs), (self.memory_t, vt)):
                     rows = mem[index] * self.momentum + v.detach().to(mem.dtype) * (1 - self.momentum)
                     mem.index_copy_(0, index, F.normalize(rows, dim=1))
