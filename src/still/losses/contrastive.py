@@ -116,7 +116,9 @@ class CRDLoss(nn.Module):
         return int(self.num_samples) if self.num_samples else int(self.n_seen)
 
     def _grow(self, index: torch.Tensor) -> None:
-        need = int(_all_reduce(index.max().reshape(1) + 1, "max"))  # every process grows alike
+        need = index.max().reshape(1) + 1
+        # in training every process grows alike (collectives only run in training: every process trains)
+        need = int(_all_reduce(need, "max") if self.training else need)
         if self.num_samples:
             if need > int(self.num_samples):
                 raise IndexError(f"crd: sample index {need - 1} >= num_samples={self.num_samples}")
@@ -172,7 +174,8 @@ class CRDLoss(nn.Module):
         out_t = torch.exp(self._scores(vt, mem_s, contrast_index) / self.nce_t)  # teacher vs student bank
         n = self.num_data
         if float(self.z[0]) < 0:
-            means = _all_reduce(torch.stack([out_s.detach().mean(), out_t.detach().mean()]), "mean")
+            means = torch.stack([out_s.detach().mean(), out_t.detach().mean()])
+            means = _all_reduce(means, "mean") if self.training else means
             self.z.copy_(means.to(self.z.dtype) * n)
         loss = nce_loss(out_s / self.z[0].to(out_s.dtype), n) + nce_loss(out_t / self.z[1].to(out_t.dtype), n)
         if self.training:
