@@ -75,16 +75,33 @@ def agreement(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, float |
     return {"cosine": cos, "spearman": float(spearmanr(ss, st).statistic)}
 
 
-def throughput(encoders: Mapping[str, Encoder], texts: Sequence[str], repeats: int = 3) -> dict[str, float]:
-    """Sentences/s of each encoder on the same `texts` (warmed up once, interleaved, median of `repeats`).
+def throughput(encoders: Mapping[str, Encoder], texts: Sequence[str], repeats: int = 3,
+               min_seconds: float = 0.5) -> dict[str, float]:
+    """Sentences/s of each encoder on the same `texts` (warmed up, interleaved, median of `repeats`).
 
-    Give every encoder the same batch size (e.g. `lambda t: st_encode(model, t, 64)`).
+    A fast encoder is run `k` times per measurement (k calibrated on the warm-up so that one
+    measurement lasts ≥ `min_seconds`), so timer and scheduling noise do not dominate. Give every
+    encoder the same batch size (e.g. `lambda t: st_encode(model, t, 64)`).
     """
+    import time
+
     from still.bench import interleaved_median
 
     texts = list(texts)
-    secs = interleaved_median({k: (lambda f=f: f(texts)) for k, f in encoders.items()}, repeats=repeats, warmup=1)
-    return {k: len(texts) / v for k, v in secs.items()}
+    passes = {}
+    for k, f in encoders.items():
+        t0 = time.perf_counter()
+        f(texts)  # warm-up, and calibration
+        passes[k] = max(1, int(min_seconds / max(time.perf_counter() - t0, 1e-6)) + 1)
+
+    def runner(f: Encoder, n: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(n):
+                f(texts)
+        return run
+
+    secs = interleaved_median({k: runner(f, passes[k]) for k, f in encoders.items()}, repeats=repeats, warmup=0)
+    return {k: passes[k] * len(texts) / v for k, v in secs.items()}
 
 
 @dataclass
@@ -111,12 +128,14 @@ class EvalSuite:
     def encode_kjv(self, encode: Encoder) -> torch.Tensor:
         return as_tensor(encode(self.kjv))
 
-    def evaluate(self, encode: Encoder, teacher_kjv: torch.Tensor | None = None) -> dict[str, Any]:
-        """`{"r1", "r10", "fortunes_acc"[, "kjv_cosine", "kjv_spearman"]}` for one embedder."""
+    def evaluate(self, encode: Encoder, teacher_kjv: torch.Tensor | None = None, fortunes: bool = True
+                 ) -> dict[str, Any]:
+        """`{"r1", "r10"[, "fortunes_acc"][, "kjv_cosine", "kjv_spearman"]}` for one embedder."""
         out: dict[str, Any] = dict(wordnet_retrieval(encode, self.lemmas, self.definitions))
-        tr = as_tensor(encode(self.fortunes_train.texts))
-        te = as_tensor(encode(self.fortunes_test.texts))
-        out["fortunes_acc"] = linear_probe(tr, self.fortunes_train.labels, te, self.fortunes_test.labels)
+        if fortunes:
+            tr = as_tensor(encode(self.fortunes_train.texts))
+            te = as_tensor(encode(self.fortunes_test.texts))
+            out["fortunes_acc"] = linear_probe(tr, self.fortunes_train.labels, te, self.fortunes_test.labels)
         if teacher_kjv is not None:
             ag = agreement(self.encode_kjv(encode), teacher_kjv)
             out["kjv_cosine"], out["kjv_spearman"] = ag["cosine"], ag["spearman"]

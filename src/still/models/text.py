@@ -115,12 +115,14 @@ def _sliced_model(hf: nn.Module, width: int, keep: Sequence[int]) -> nn.Module:
 
 @register_model("st_layer_dropped")
 def layer_dropped_student(teacher: str = "minilm", keep: Sequence[int] | int | None = None, width: int | None = None,
-                          project_to: int | None = None, max_seq_length: int | None = 128,
-                          device: str = "cpu") -> STStudent:
+                          ffn_width: int | None = None, project_to: int | None = None,
+                          max_seq_length: int | None = 128, device: str = "cpu") -> STStudent:
     """The teacher's encoder with layers `keep` only (default every other; an int n keeps n evenly spaced).
 
-    `width` makes it narrower (weights sliced from the teacher); `project_to` appends a linear
-    `Dense` layer to that width before the final normalisation (e.g. 384 → 768 for an MPNet teacher).
+    `width` makes it narrower (weights sliced from the teacher; a weak init, it needs long training);
+    `ffn_width` keeps, in every kept layer, the `ffn_width` feed-forward neurons with the largest
+    ‖w_in‖·‖w_out‖ (structured pruning of the teacher's FFN); `project_to` appends a linear `Dense`
+    layer to that width before the final normalisation (e.g. 384 → 768 for an MPNet teacher).
     """
     from sentence_transformers.base.modules.dense import Dense
 
@@ -140,12 +142,35 @@ def layer_dropped_student(teacher: str = "minilm", keep: Sequence[int] | int | N
     else:
         hf.encoder.layer = nn.ModuleList([hf.encoder.layer[i] for i in keep])
         hf.config.num_hidden_layers = len(keep)
+    if ffn_width is not None:
+        _prune_ffn(st[0].auto_model, ffn_width)
     if max_seq_length is not None:
         st.max_seq_length = max_seq_length
     dim = int(st.get_embedding_dimension())
     if project_to is not None and project_to != dim:
         _insert_before_normalize(st, Dense(dim, project_to, bias=True, activation_function=nn.Identity()))
     return STStudent(st)
+
+
+def _prune_ffn(hf: nn.Module, ffn_width: int) -> None:
+    """Keep `ffn_width` intermediate neurons per layer (largest ‖row of W_in‖·‖column of W_out‖)."""
+    if ffn_width > hf.config.intermediate_size:
+        raise ValueError(f"ffn_width {ffn_width} > the teacher's intermediate size {hf.config.intermediate_size}")
+    for layer in hf.encoder.layer:
+        lin_in, lin_out = layer.intermediate.dense, layer.output.dense
+        score = lin_in.weight.norm(dim=1) * lin_out.weight.norm(dim=0)
+        idx = score.topk(ffn_width).indices.sort().values
+        new_in = nn.Linear(lin_in.in_features, ffn_width, bias=lin_in.bias is not None)
+        new_out = nn.Linear(ffn_width, lin_out.out_features, bias=lin_out.bias is not None)
+        with torch.no_grad():
+            new_in.weight.copy_(lin_in.weight[idx])
+            if lin_in.bias is not None:
+                new_in.bias.copy_(lin_in.bias[idx])
+            new_out.weight.copy_(lin_out.weight[:, idx])
+            if lin_out.bias is not None:
+                new_out.bias.copy_(lin_out.bias)
+        layer.intermediate.dense, layer.output.dense = new_in, new_out
+    hf.config.intermediate_size = ffn_width
 
 
 def _set_pooling_dim(st: Any, width: int) -> None:

@@ -1,0 +1,294 @@
+"""Sentence-embedding distillation from real pretrained teachers (all-MiniLM-L6-v2, all-mpnet-base-v2).
+
+Questions (issue 5), each measured in one run:
+1. A transformer student (2 of MiniLM's layers, FFN pruned to half) vs its MiniLM teacher: throughput ratio and
+   share of MiniLM's R@1 on held-out WordNet.
+2. A static student (mean of per-token vectors) trained by still from MiniLM's embeddings vs model2vec's own
+   `distill` of MiniLM at the same size (vocabulary × 256), side by side, and vs MiniLM's throughput.
+3. A 6-layer student (MiniLM-initialised) distilled from MPNet vs off-the-shelf MiniLM.
+4. Multi-teacher (MiniLM + MPNet, one projection head each) vs each single teacher, same student.
+
+Training text: WordNet glosses of training synsets plus their first lemmas (subsets, see the table);
+evaluation on held-out synsets never trained on, fortunes (12 categories) and held-out KJV verses.
+Teacher embeddings are cached on disk (`~/.cache/still/embeddings`), so a rerun encodes nothing twice.
+
+    python benchmarks/embeddings.py --quick        # < 60 s once the caches exist (a smoke run)
+    python benchmarks/embeddings.py                # the full run (hours on 2 shared cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from still.bench import emit_json, markdown_table, mean_std, write_section  # noqa: E402
+
+CACHE = Path(os.environ.get("STILL_CACHE", "~/.cache/still")).expanduser()
+
+
+@dataclass
+class Config:
+    n_train: int = 8000           # WordNet training synsets for the static students
+    n_train_tf: int = 4000        # ... for the transformer students (MiniLM teacher)
+    n_train_mpnet: int = 1000     # ... for MPNet / multi-teacher students (MPNet encodes ~25 sent/s idle)
+    eval_pairs: int = 1000        # held-out (lemma, definition) pairs, one synset per lemma
+    kjv: int = 500                # held-out KJV verses for agreement
+    fortunes_per_class: int = 100
+    seeds: int = 3
+    static_epochs: int = 2
+    static_lr: float = 3e-3
+    tf_epochs: int = 1
+    mpnet_epochs: int = 2         # the MPNet / multi-teacher runs see fewer synsets, so more epochs
+    tf_lr: float = 1e-4
+    batch_size: int = 64
+    throughput_texts: int = 128
+    model2vec: bool = True
+    mpnet: bool = True
+    threads: int = 1
+
+
+QUICK = Config(n_train=200, n_train_tf=200, n_train_mpnet=0, eval_pairs=100, kjv=50, fortunes_per_class=12, seeds=1,
+               static_epochs=2, tf_epochs=1, throughput_texts=64, model2vec=False, mpnet=False, threads=2)
+
+
+def train_texts(n: int) -> list[str]:
+    """Glosses of the first `n` training synsets (a fixed nested subset) plus their first lemmas."""
+    from still.data.text import wordnet_glosses
+
+    if n <= 0:
+        return []
+    ds = wordnet_glosses("train", subset=n)
+    return list(dict.fromkeys(ds.texts + ds.lemmas))
+
+
+def suite_texts(suite) -> list[str]:
+    return suite.lemmas + suite.definitions + suite.fortunes_train.texts + suite.fortunes_test.texts + suite.kjv
+
+
+def load_everything(cfg: Config, progress: bool = True, only: str | None = None):
+    from still.integrations import sentence_transformers as sti
+    from still.integrations.embedding_eval import EvalSuite
+
+    suite = EvalSuite.build(cfg.eval_pairs, cfg.fortunes_per_class, cfg.kjv)
+    texts = train_texts(cfg.n_train)
+    texts_tf = train_texts(cfg.n_train_tf)
+    texts_mp = train_texts(cfg.n_train_mpnet)
+    emb_cache = CACHE / "embeddings"
+    enc = {}
+    minilm = sti.STTeacher("minilm", view="minilm", cache_dir=emb_cache)
+    mpnet = sti.STTeacher("mpnet", view="mpnet", cache_dir=emb_cache) if cfg.mpnet else None
+    if only in (None, "minilm"):
+        t0 = time.perf_counter()
+        minilm.precompute(suite_texts(suite) + texts_mp + texts_tf + texts, progress=progress)
+        enc["minilm"] = time.perf_counter() - t0
+    if mpnet is not None and only in (None, "mpnet"):  # held-out WordNet and KJV and the training texts
+        t0 = time.perf_counter()
+        mpnet.precompute(suite.lemmas + suite.definitions + suite.kjv + texts_mp, progress=progress)
+        enc["mpnet"] = time.perf_counter() - t0
+    return suite, {"static": texts, "tf": texts_tf, "mpnet": texts_mp}, minilm, mpnet, enc
+
+
+def objective_for(teachers: dict[str, float], head_cosine: bool, kl_weight: float = 1.0, rel_weight: float = 1.0):
+    """Terms per teacher view: DiSCo score-KL and relation on the student's own space (any width),
+    plus a cosine term through a linear projection head when `head_cosine`."""
+    from still.objective import Objective, Term
+    from still.registry import LOSSES
+
+    terms = []
+    for view, w in teachers.items():
+        if kl_weight:
+            terms.append(Term(f"score_kl_{view}", LOSSES.build("score_kl", temperature=0.05), student="embedding",
+                              teacher=view, weight=w * kl_weight))
+        if rel_weight:
+            terms.append(Term(f"relation_{view}", LOSSES.build("embedding_relation"), student="embedding",
+                              teacher=view, weight=w * rel_weight))
+        if head_cosine:
+            terms.append(Term(f"cosine_{view}", LOSSES.build("embedding_cosine"), student="embedding",
+                              teacher=view, weight=w, adapter="linear"))
+    return Objective(terms)
+
+
+def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start: float) -> None:
+    from still.integrations import sentence_transformers as sti
+    from still.integrations.embedding_eval import throughput
+    from still.models.text import count_parameters, layer_dropped_student, static_student
+
+    kjv_t = {"minilm": suite.encode_kjv(minilm.encode)}
+    results: dict[str, dict] = {}   # name -> {"runs": [metrics], "params": int, "encode": fn, "teacher": str}
+
+    def record(name, metrics, params, encode, teacher, seconds=None):
+        r = results.setdefault(name, {"runs": [], "params": params, "encode": encode, "teacher": teacher, "train_s": []})
+        r["runs"].append(metrics)
+        r["encode"] = encode
+        if seconds is not None:
+            r["train_s"].append(seconds)
+        print(f"{name}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)), flush=True)
+
+    record("all-MiniLM-L6-v2 (teacher)", suite.evaluate(minilm.encode), count_parameters(minilm.model),
+           lambda t: sti.st_encode(minilm.model, t, cfg.batch_size), "minilm")
+    m2v_dir = None
+    if cfg.model2vec:
+        import tempfile
+
+        from model2vec import StaticModel
+        from model2vec.distill import distill
+
+        t0 = time.perf_counter()
+        m2v = distill(model_name=str(sti.minilm_path()), pca_dims=256, device="cpu")
+        m2v_s = time.perf_counter() - t0
+        m2v_dir = Path(tempfile.mkdtemp(prefix="m2v_"))
+        m2v.save_pretrained(str(m2v_dir))
+        m2v = StaticModel.from_pretrained(str(m2v_dir))
+        enc_m2v = lambda t: m2v.encode(list(t), batch_size=cfg.batch_size)  # noqa: E731
+        record("model2vec distill (256-d, no training)", suite.evaluate(enc_m2v, kjv_t["minilm"]),
+               int(m2v.embedding.size), enc_m2v, "minilm", m2v_s)
+
+    def train_eval(name, make, teachers, tview, texts_, epochs, lr, bs, head_cosine, teacher_obj, wd=0.01,
+                   fortunes=True):
+        for seed in range(cfg.seeds):
+            torch.manual_seed(seed)
+            student = make()
+            obj = objective_for(teachers, head_cosine)
+            res = sti.distill_embeddings(student, obj, texts_, teacher_obj, epochs=epochs, batch_size=bs, lr=lr,
+                                         weight_decay=wd, seed=seed)
+            m = suite.evaluate(lambda t: student.encode(t, cfg.batch_size), kjv_t[tview], fortunes=fortunes)
+            record(name, m, count_parameters(student), lambda t, s=student: s.encode(t, cfg.batch_size), tview,
+                   res["seconds"])
+        return student
+
+    # (2) static students, MiniLM teacher
+    train_eval("still static (256-d, PCA init) ← MiniLM",
+                             lambda: static_student("minilm", dim=256, init="pca"), {"minilm": 1.0}, "minilm",
+                             texts["static"], cfg.static_epochs, cfg.static_lr, 128, False, minilm, wd=0.0)
+    # (1) transformer student, MiniLM teacher: 2 of its 6 layers, FFN pruned to 768 of 1536 neurons
+    train_eval("still 2-layer, FFN 768 ← MiniLM", lambda: layer_dropped_student("minilm", keep=2, ffn_width=768),
+               {"minilm": 1.0}, "minilm", texts["tf"], cfg.tf_epochs, cfg.tf_lr, cfg.batch_size, True, minilm)
+    if mpnet is not None:
+        # MPNet's cache is first read here, so a `--prepare mpnet` running alongside can fill it meanwhile
+        kjv_t["mpnet"] = suite.encode_kjv(mpnet.encode)
+        record("all-mpnet-base-v2 (teacher)", suite.evaluate(mpnet.encode, kjv_t["minilm"], fortunes=False),
+               count_parameters(mpnet.model), lambda t: sti.st_encode(mpnet.model, t, cfg.batch_size), "mpnet")
+        both = sti.TeacherGroup([minilm, mpnet])
+        # (3) a 6-layer student (MiniLM's architecture and init) distilled from MPNet
+        train_eval("still 6-layer ← MPNet", lambda: layer_dropped_student("minilm", keep=list(range(6))),
+                   {"mpnet": 1.0}, "mpnet", texts["mpnet"], cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, False, mpnet,
+                   fortunes=False)
+        # (4) single vs multi teacher, same 3-layer student and data
+        for label, tw, tv, tobj in [("MiniLM", {"minilm": 1.0}, "minilm", minilm), ("MPNet", {"mpnet": 1.0}, "mpnet", mpnet),
+                                    ("MiniLM + MPNet", {"minilm": 0.5, "mpnet": 0.5}, "mpnet", both)]:
+            train_eval(f"still 2-layer, FFN 768 ← {label} [{cfg.n_train_mpnet} synsets]",
+                       lambda: layer_dropped_student("minilm", keep=2, ffn_width=768), tw, tv, texts["mpnet"],
+                       cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, True, tobj)
+    # throughput: same texts, same batch size, warmed up, interleaved
+    tp_texts = suite.definitions[: cfg.throughput_texts]
+    tp = throughput({k: v["encode"] for k, v in results.items()}, tp_texts, repeats=3)
+    report(cfg, results, tp, enc, quick, time.perf_counter() - t_start)
+
+
+def _ms(runs, key, digits=3):
+    vals = [r[key] for r in runs if r.get(key) is not None]
+    if not vals:
+        return "–", None
+    m, s = mean_std(vals)
+    return (f"{m:.{digits}f} ± {s:.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f}"), m
+
+
+def report(cfg, results, tp, enc, quick, total_s) -> None:
+    base = "all-MiniLM-L6-v2 (teacher)"
+    r1_base = _ms(results[base]["runs"], "r1")[1]
+    rows, figs = [], {"quick": quick, "seconds": round(total_s, 1), "teacher_encode_s": enc}
+    for name, r in results.items():
+        r1s, r1 = _ms(r["runs"], "r1")
+        row = [name, f"{r['params'] / 1e6:.1f}M", f"{tp[name]:.0f}", f"{tp[name] / tp[base]:.1f}×", r1s,
+               f"{100 * r1 / r1_base:.0f}%", _ms(r["runs"], "r10")[0], _ms(r["runs"], "fortunes_acc")[0],
+               _ms(r["runs"], "kjv_cosine")[0], _ms(r["runs"], "kjv_spearman")[0], len(r["runs"])]
+        rows.append(row)
+        figs[name] = {"r1": r1, "r10": _ms(r["runs"], "r10")[1], "fortunes": _ms(r["runs"], "fortunes_acc")[1],
+                      "sent_per_s": tp[name], "x_minilm": tp[name] / tp[base], "seeds": len(r["runs"])}
+    table = markdown_table(["model", "params", "sent/s", "× MiniLM", "WordNet R@1", "% MiniLM R@1", "R@10",
+                            "fortunes probe", "KJV cos", "KJV Spearman", "seeds"], rows)
+
+    def f(name, key):
+        return figs.get(name, {}).get(key)
+
+    goals = []
+    tf = max((n for n in figs if isinstance(figs[n], dict) and "← MiniLM" in n and "static" not in n
+              and f(n, "x_minilm") >= 3), key=lambda n: f(n, "r1"), default=None)
+    if tf:
+        goals.append(f"- Transformer student ≥ 3× MiniLM's throughput reaching ≥ 90% of its R@1: **{tf}**, "
+                     f"{f(tf, 'x_minilm'):.1f}×, {100 * f(tf, 'r1') / r1_base:.0f}% → "
+                     f"{'met' if f(tf, 'r1') >= 0.9 * r1_base else 'NOT met'}.")
+    else:
+        goals.append("- Transformer student ≥ 3× MiniLM's throughput: no transformer student reached 3× → NOT met.")
+    st, m2 = "still static (256-d, PCA init) ← MiniLM", "model2vec distill (256-d, no training)"
+    for cand in (st,):
+        if cand in figs:
+            ok = f(cand, "x_minilm") >= 100 and f(cand, "r1") >= 0.75 * r1_base
+            line = (f"- Static **{cand}**: {f(cand, 'x_minilm'):.0f}× MiniLM, {100 * f(cand, 'r1') / r1_base:.0f}% "
+                    f"of its R@1 → {'met' if ok else 'NOT met'} (goal ≥ 100×, ≥ 75%)")
+            if m2 in figs:
+                beat = f(cand, "r1") > f(m2, "r1") and f(cand, "fortunes") > f(m2, "fortunes")
+                line += (f"; vs model2vec distill R@1 {f(cand, 'r1'):.3f} vs {f(m2, 'r1'):.3f}, fortunes "
+                         f"{f(cand, 'fortunes'):.3f} vs {f(m2, 'fortunes'):.3f} → {'beats it' if beat else 'does NOT beat it'}")
+            goals.append(line + ".")
+    mp = "still 6-layer ← MPNet"
+    if mp in figs:
+        goals.append(f"- 6-layer student from MPNet R@1 {f(mp, 'r1'):.3f} vs off-the-shelf MiniLM {r1_base:.3f} → "
+                     f"{'matches or beats it' if f(mp, 'r1') >= r1_base else 'below it'}.")
+    sfx = f" [{cfg.n_train_mpnet} synsets]"
+    multi = "still 2-layer, FFN 768 ← MiniLM + MPNet" + sfx
+    if multi in figs:
+        goals.append(f"- Multi-teacher 2-layer R@1 {f(multi, 'r1'):.3f}, fortunes {f(multi, 'fortunes'):.3f} vs "
+                     f"single MiniLM {f('still 2-layer, FFN 768 ← MiniLM' + sfx, 'r1'):.3f} / "
+                     f"{f('still 2-layer, FFN 768 ← MiniLM' + sfx, 'fortunes'):.3f} and single MPNet "
+                     f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'r1'):.3f} / "
+                     f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'fortunes'):.3f} (same student, data and budget).")
+    setup = (f"Training text: glosses + first lemmas of {cfg.n_train} (static), {cfg.n_train_tf} (transformer) and "
+             f"{cfg.n_train_mpnet} (MPNet / multi-teacher) training WordNet synsets (fixed nested subsets of the "
+             f"106k; the 2-core shared CPU makes the full set too slow). Held-out: {cfg.eval_pairs} WordNet synsets "
+             f"(one per lemma, never trained on) for lemma → definition retrieval among all {cfg.eval_pairs} "
+             f"definitions; 12 fortunes categories (≤ {cfg.fortunes_per_class} per class, 75/25 split, logistic "
+             f"regression on normalised embeddings); {cfg.kjv} held-out KJV verses for agreement with the student's "
+             f"teacher (MPNet for MPNet students and the multi-teacher one; cosine only when widths agree). "
+             f"Throughput: {cfg.throughput_texts} held-out definitions, batch {cfg.batch_size}, same encode path "
+             f"(tokenize + forward, inference mode; model2vec uses its own `encode`), warmed up, median of 3 "
+             f"interleaved runs, {cfg.threads} threads. Losses: DiSCo score-KL (τ = 0.05) + in-batch relation MSE "
+             f"per teacher, plus cosine through a linear head for transformer students except the MPNet 6-layer. "
+             f"Static: {cfg.static_epochs} epochs, lr {cfg.static_lr}, batch 128; transformers: {cfg.tf_epochs} epoch, "
+             f"({cfg.mpnet_epochs} for the MPNet / multi-teacher runs), AdamW lr {cfg.tf_lr}, batch {cfg.batch_size}. The "
+             f"MPNet teacher and the MPNet 6-layer students skip the fortunes probe (CPU time). Mean ± std over {cfg.seeds} "
+             f"seed(s) (seed = shuffle order and heads; the inits are deterministic). Total {total_s / 60:.1f} min; "
+             f"teacher encoding (cached afterwards) {', '.join(f'{k} {v:.0f} s' for k, v in enc.items())}.")
+    md = "\n".join([("**Quick smoke run (tiny subsets, 1 seed): not the benchmark's figures.**\n" if quick else ""),
+                     table, "", "Goals (issue 5):", *goals, "", setup])
+    write_section("Sentence embeddings", md)
+    emit_json({k: v for k, v in figs.items()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run on a few hundred sentences (< 60 s, cached)")
+    ap.add_argument("--prepare", choices=["all", "minilm", "mpnet"], help="only encode and cache teacher embeddings")
+    args = ap.parse_args()
+    cfg = QUICK if args.quick else Config()
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    suite, texts, minilm, mpnet, enc = load_everything(cfg, only=None if args.prepare in (None, "all") else args.prepare)
+    if args.prepare:
+        print(f"cached teacher embeddings in {enc}", flush=True)
+        return
+    run_all(cfg, suite, texts, minilm, mpnet, enc, quick=args.quick, t_start=t_start)
+
+
+if __name__ == "__main__":
+    main()
