@@ -329,40 +329,38 @@ def _example(sparse: bool = False) -> tuple[tuple, dict]:
     return (s, torch.randn(2, 5, 11, generator=g)), {"labels": labels, "temperature": 2.0}
 
 
-_COMMON = """
-
-    Args: student, teacher: logits `(..., V)`; temperature; mask `(...)` bool (True = counts) and/or
-    labels `(...)` with `ignore_index`; reduction "mean" (over valid tokens) | "sum" | "none" `(...)`;
-    scale_t2 multiplies by T². Returns an fp32 scalar (or `(...)` for "none")."""
-
-
-def _make_dense(div: Divergence, doc: str) -> Callable[..., torch.Tensor]:
-    def fn(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None,
-           labels: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-           scale_t2: bool = False, **params: Any) -> torch.Tensor:
-        unknown = set(params) - set(div.params)
-        if unknown:
-            raise TypeError(f"{div.name}: unknown parameter(s) {sorted(unknown)}; it takes {list(div.params)}")
-        return reduce_rows(functools.partial(div.rows, **params) if params else div.rows, student, teacher,
-                           temperature=temperature, mask=mask, labels=labels, ignore_index=ignore_index,
-                           reduction=reduction, scale_t2=scale_t2, name=div.name)
-    fn.__name__ = fn.__qualname__ = div.name
-    fn.__doc__ = doc + _COMMON
-    return fn
-
-
 _PAPER_GKD = "Agarwal et al., On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes (2024)"
 _PAPER_DISTILLM = "Ko et al., DistiLLM: Towards Streamlined Distillation for Large Language Models (2024)"
 
-_fkl = _make_dense(DIVERGENCES["forward_kl"], "Forward KL(p_t ‖ p_s) per token.")
-_rkl = _make_dense(DIVERGENCES["reverse_kl"], "Reverse KL(p_s ‖ p_t) per token.")
-_tv = _make_dense(DIVERGENCES["tv"], "Total variation ½ Σ|p_t − p_s| per token.")
-forward_kl = register_loss("forward_kl", paper="Hinton et al., Distilling the Knowledge in a Neural Network (2015)",
-                           example=_example, shape_check="same")(_fkl)
-reverse_kl = register_loss("reverse_kl", paper="Gu et al., MiniLLM: Knowledge Distillation of Large Language Models (2024)",
-                           example=_example, shape_check="same")(_rkl)
-tv = register_loss("tv", paper="Wen et al., f-Divergence Minimization for Sequence-Level Knowledge Distillation (2023)",
-                   example=_example, shape_check="same")(_tv)
+
+@register_loss("forward_kl", paper="Hinton et al., Distilling the Knowledge in a Neural Network (2015)",
+               example=_example, shape_check="same")
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, ignore_index: int = -100,
+               reduction: str = "mean", scale_t2: bool = False) -> torch.Tensor:
+    """Forward KL(p_t ‖ p_s) per token of logits `(..., V)`; mask/labels `(...)`; see the module docstring."""
+    return reduce_rows(forward_kl_rows, student, teacher, temperature=temperature, mask=mask, labels=labels,
+                       ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2, name="forward_kl")
+
+
+@register_loss("reverse_kl", paper="Gu et al., MiniLLM: Knowledge Distillation of Large Language Models (2024)",
+               example=_example, shape_check="same")
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
+               mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, ignore_index: int = -100,
+               reduction: str = "mean", scale_t2: bool = False) -> torch.Tensor:
+    """Reverse KL(p_s ‖ p_t) per token of logits `(..., V)` (mode-seeking, MiniLLM)."""
+    return reduce_rows(reverse_kl_rows, student, teacher, temperature=temperature, mask=mask, labels=labels,
+                       ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2, name="reverse_kl")
+
+
+@register_loss("tv", paper="Wen et al., f-Divergence Minimization for Sequence-Level Knowledge Distillation (2023)",
+               example=_example, shape_check="same")
+def tv(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0, mask: torch.Tensor | None = None,
+       labels: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+       scale_t2: bool = False) -> torch.Tensor:
+    """Total variation ½ Σ |p_t − p_s| per token of logits `(..., V)`."""
+    return reduce_rows(tv_rows, student, teacher, temperature=temperature, mask=mask, labels=labels,
+                       ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2, name="tv")
 
 
 @register_loss("jsd", paper=_PAPER_GKD, example=_example, shape_check="same")
