@@ -110,6 +110,19 @@ def test_kd_high_temperature_limit_is_logit_matching() -> None:
     torch.testing.assert_close(g, (d - d.mean(1, keepdim=True)) / C / B, rtol=1e-2, atol=1e-4)
 
 
+def test_kd_teacher_masked_classes_count_zero() -> None:
+    """Classes the teacher masks with −inf (p_t = 0) add 0·log(0/p_s) = 0 to the KL, not NaN."""
+    s, t = _logits(11)
+    t_m = t.clone()
+    t_m[:, 2] = float("-inf")
+    got = hinton_kd(s, t_m, 2.0)
+    total = 0
+    for b in range(B):
+        pt, ps = _softmax_row(list(t_m[b]), 2.0), _softmax_row(list(s[b]), 2.0)
+        total = total + sum(p * torch.log(p / q) for c, (p, q) in enumerate(zip(pt, ps)) if c != 2)
+    _check(got, 4.0 * total / B, s)
+
+
 def test_kd_keeps_float64_and_upcasts_half() -> None:
     s, t = _logits()
     assert hinton_kd(s, t).dtype == torch.float64

@@ -50,10 +50,15 @@ def cross_entropy(student: torch.Tensor, target: torch.Tensor, label_smoothing: 
                            label_smoothing=label_smoothing, ignore_index=ignore_index)
 
 
-def _kl_rows(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
-    """Σ_c p_t (log p_t - log p_s) per row: `(N, C), (N, C) -> (N,)`; 0·log 0 counts as 0."""
-    pt = log_pt.exp()
-    return torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
+def _kl_mean(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
+    """mean over rows of Σ_c p_t (log p_t − log p_s), for `(N, C)` log-probabilities (a scalar).
+
+    The teacher's log-probabilities are clamped at the dtype's lowest finite value, so classes it masks
+    with −inf logits add 0 (not NaN). The student side is not clamped (that would cost a differentiable
+    op on the hot path): student logits must be finite.
+    """
+    low = torch.finfo(log_pt.dtype).min
+    return F.kl_div(log_ps, log_pt.clamp(min=low), reduction="batchmean", log_target=True)
 
 
 @register_loss("kd", paper="Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network (2015)",
@@ -64,7 +69,7 @@ def hinton_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
     t = float(temperature)
     log_ps = F.log_softmax(_rows(student) / t, dim=-1)
     log_pt = F.log_softmax(_rows(teacher) / t, dim=-1)
-    kl = _kl_rows(log_pt, log_ps).mean()
+    kl = _kl_mean(log_pt, log_ps)
     return kl * (t * t) if scale_t2 else kl
 
 
@@ -107,8 +112,8 @@ def dkd(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alph
     t_gt, t_other, t_nt = _split_target(zt, y)
     log_bt = torch.stack([t_gt, t_other], dim=-1)
     log_bs = torch.stack([s_gt, s_other], dim=-1)
-    tckd = _kl_rows(log_bt, log_bs).mean()
-    nckd = _kl_rows(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1)).mean()
+    tckd = _kl_mean(log_bt, log_bs)
+    nckd = _kl_mean(F.log_softmax(t_nt, -1), F.log_softmax(s_nt, -1))
     return (alpha * tckd + beta * nckd) * (t * t)
 
 
@@ -154,7 +159,7 @@ def logit_std(student: torch.Tensor, teacher: torch.Tensor, temperature: float =
     t = float(temperature)
     log_ps = F.log_softmax(zscore(_rows(student), eps) / t, dim=-1)
     log_pt = F.log_softmax(zscore(_rows(teacher), eps) / t, dim=-1)
-    return _kl_rows(log_pt, log_ps).mean() * (t * t)
+    return _kl_mean(log_pt, log_ps) * (t * t)
 
 
 __all__: list[Any] = ["cross_entropy", "hinton_kd", "dkd", "dist", "logit_std", "zscore"]
