@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from still.losses import divergences as D
-from still.losses.chunked import LMDistillLoss, chunked_distill_loss, default_chunk_size
+from still.losses.chunked import LMDistillLoss, chunked_distill_loss, default_chunk_size, densify_topk
 from still.objective import Objective, Term
 from still.registry import LOSSES
 from test_divergences import REFS, masked_mean, ref_sinkhorn_total, ref_sparse
@@ -227,8 +227,8 @@ def test_errors_are_clear():
         chunked_distill_loss(hs, ws, labels=labels)
     with pytest.raises(ValueError, match="vocabulary"):
         chunked_distill_loss(hs, ws, ht, wt[:-1], labels=labels)
-    with pytest.raises(ValueError, match="sparse_topk_kl"):
-        chunked_distill_loss(hs, ws, teacher_topk=(labels[:, None].clamp_min(0), torch.zeros(N, 1)))
+    with pytest.raises(ValueError, match="teacher_topk"):
+        chunked_distill_loss(hs, ws, ht, wt, divergence="sparse_topk_kl")
     with pytest.raises(TypeError, match="beta"):
         chunked_distill_loss(hs, ws, ht, wt, divergence="forward_kl", divergence_params={"beta": 0.5})
     with pytest.raises(ValueError, match="labels"):
@@ -274,3 +274,33 @@ def test_padded_vocab_rows():
     torch.testing.assert_close(loss, want, rtol=RTOL, atol=ATOL)
     (g,) = torch.autograd.grad(loss, pad_s)
     assert (g[V:] == 0).all()
+
+
+def test_kd_mask_ce_only_and_densified_topk_teacher():
+    (hs, ws, bs), (ht, wt, bt), labels = _setup(14)
+    zt = _logits(ht, wt, bt)
+    km = torch.rand(N, generator=torch.Generator().manual_seed(1)) > 0.4
+    loss = chunked_distill_loss(hs, ws, student_bias=bs, teacher_logits=zt, labels=labels, kd_mask=km, ce_weight=0.5,
+                                divergence="jsd", chunk_size=8)
+    zs = _logits(hs, ws, bs)
+    want = D.jsd(zs, zt, labels=labels, mask=km) + 0.5 * F.cross_entropy(zs, labels)  # KD on km, CE on all valid
+    torch.testing.assert_close(loss, want, rtol=RTOL, atol=ATOL)
+    for a, b in zip(_grads(loss, (hs, ws, bs)), _grads(want, (hs, ws, bs))):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    ce_only = chunked_distill_loss(hs, ws, student_bias=bs, labels=labels, kd_weight=0.0, ce_weight=1.0, chunk_size=8)
+    torch.testing.assert_close(ce_only, F.cross_entropy(zs, labels), rtol=RTOL, atol=ATOL)
+    top = torch.log_softmax(zt, -1).topk(9, -1)
+    for missing in ("uniform", "renormalise"):  # forward KL from a densified top-k == the sparse formula
+        dense_fkl = chunked_distill_loss(hs, ws, student_bias=bs, teacher_topk=(top.indices, top.values),
+                                         labels=labels, topk_missing=missing, chunk_size=8)
+        sparse = D.sparse_topk_kl(_logits(hs, ws, bs), (top.indices, top.values), labels=labels, missing=missing)
+        torch.testing.assert_close(dense_fkl, sparse, rtol=RTOL, atol=ATOL)
+        for a, b in zip(_grads(dense_fkl, (hs, ws, bs)), _grads(sparse, (hs, ws, bs))):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    t_dense = densify_topk(top.indices, top.values, V, "uniform")
+    assert torch.allclose(t_dense.exp().sum(-1), torch.ones(N), atol=1e-5)
+    jsd_topk = chunked_distill_loss(hs, ws, student_bias=bs, teacher_topk={"indices": top.indices, "values": top.values},
+                                    labels=labels, divergence="jsd", chunk_size=8)
+    torch.testing.assert_close(jsd_topk, D.jsd(zs, t_dense, labels=labels), rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="drop"):
+        chunked_distill_loss(hs, ws, teacher_topk=(top.indices, top.values), topk_missing="drop")

@@ -8,7 +8,8 @@
         *,
         student_bias=None, teacher_bias=None,   # (V,) optional
         teacher_logits=None,       # or cached teacher logits (N, V)
-        teacher_topk=None,         # or a top-k teacher: (ids (N, k) int64, log-probs (N, k)) -> divergence sparse_topk_kl
+        teacher_topk=None,         # or a top-k teacher: (ids (N, k) int64, log-probs (N, k)), log-probs used as given
+                                   #   (no teacher is allowed only for a CE-only call, kd_weight=0)
         labels=None,               # (N,) int64, ignore_index marks tokens that do not count; also the CE target
         mask=None,                 # (N,) bool, True = token counts (combined with labels)
         ignore_index=-100,
@@ -17,6 +18,8 @@
         temperature=1.0, scale_t2=False,
         kd_weight=1.0, ce_weight=0.0,   # loss = kd_weight·KD + ce_weight·CE(student logits at T=1, labels)
         num_valid=None,            # the normaliser: global count of valid tokens (default: the local count)
+        kd_mask=None, num_kd_valid=None,  # KD only where kd_mask (N,) (CE keeps every valid token), own normaliser
+        topk_missing="uniform",    # a dense divergence from teacher_topk: each chunk densified ("uniform"|"renormalise")
         chunk_size=None,           # tokens per chunk (default: about 32 MiB of fp32 logits per chunk)
         student_softcap=None, teacher_softcap=None,  # Gemma-style final logit soft-capping: cap·tanh(z/cap)
         return_parts=False,        # also return {"kd": ..., "ce": ...} (detached, each already normalised)
@@ -85,6 +88,7 @@ class _Plan:
     chunk: int
     n_params: int
     grad_enabled: bool = True
+    topk_missing: str = "uniform"
     s_cap: float | None = None
     t_cap: float | None = None
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -98,15 +102,40 @@ def _prep_(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return x.clamp_min_(NEG_FLOOR)
 
 
+def _count(x: int | float | torch.Tensor) -> float:
+    return max(float(x.item() if isinstance(x, torch.Tensor) else x), 1.0)
+
+
+def _topk_pair(teacher_topk: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(teacher_topk, dict):
+        return teacher_topk["indices"], teacher_topk["values"]
+    if hasattr(teacher_topk, "indices") and hasattr(teacher_topk, "logprobs"):
+        return teacher_topk.indices, teacher_topk.logprobs
+    ids, vals = teacher_topk
+    return ids, vals
+
+
+def densify_topk(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, missing: str = "uniform") -> torch.Tensor:
+    """Prepared teacher log-probs `(m, V)` from top-k `(m, k)`: the missing mass spread evenly over the other
+    ids ("uniform") or the top-k renormalised ("renormalise"; other ids at the -inf floor)."""
+    lp = logprobs.float().clamp_min(NEG_FLOOR)
+    m, k = ids.shape
+    if missing == "renormalise" or k >= vocab:
+        out = torch.full((m, vocab), NEG_FLOOR, dtype=torch.float32, device=lp.device)
+        return out.scatter_(1, ids.long(), lp - torch.logsumexp(lp, -1, keepdim=True))
+    rest = ((1.0 - lp.exp().sum(-1)).clamp_min(1e-30) / (vocab - k)).log()
+    return rest[:, None].expand(m, vocab).clone().scatter_(1, ids.long(), lp)
+
+
 class _ChunkedDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan: _Plan, idx: torch.Tensor, hs: torch.Tensor, ws: torch.Tensor, bs: torch.Tensor | None,
                 ht: torch.Tensor | None, wt: torch.Tensor | None, bt: torch.Tensor | None,
                 t_logits: torch.Tensor | None, t_ids: torch.Tensor | None, t_vals: torch.Tensor | None,
-                labels: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
+                labels: torch.Tensor | None, kd_w: torch.Tensor | None, *params: torch.Tensor) -> torch.Tensor:
         need = ctx.needs_input_grad
         need_h, need_w, need_b = need[2], need[3], bs is not None and need[4]
-        need_p = [bool(x) for x in need[12:]]
+        need_p = [bool(x) for x in need[13:]]
         grads_on = plan.grad_enabled and any([need_h, need_w, need_b, *need_p])
         need_h, need_w, need_b = need_h and grads_on, need_w and grads_on, need_b and grads_on
         need_p = [k and grads_on for k in need_p]
@@ -116,7 +145,7 @@ class _ChunkedDistill(torch.autograd.Function):
         def take(x: torch.Tensor | None) -> torch.Tensor | None:
             return x if x is None or dense else x.index_select(0, idx)
 
-        hs_v, ht_v, tl_v, ids_v, vals_v, lab_v = map(take, (hs, ht, t_logits, t_ids, t_vals, labels))
+        hs_v, ht_v, tl_v, ids_v, vals_v, lab_v, kdw_v = map(take, (hs, ht, t_logits, t_ids, t_vals, labels, kd_w))
         V, dtype, c = ws.shape[0], hs.dtype, plan.chunk
         # mixed precision (e.g. bf16 hidden states under autocast, fp32 heads): GEMMs in the hidden states' dtype
         ws_c = ws if ws.dtype == dtype else ws.to(dtype)
@@ -150,8 +179,12 @@ class _ChunkedDistill(torch.autograd.Function):
             elif plan.teacher_kind == "logits":
                 t = _prep_(tl_v[a:a + m].detach().clone() if tl_v.dtype == torch.float32 else tl_v[a:a + m].detach(),
                            plan.temperature)
-            else:
+            elif plan.teacher_kind == "topk":
                 t = (ids_v[a:a + m], vals_v[a:a + m].detach())
+            elif plan.teacher_kind == "topk_dense":
+                t = densify_topk(ids_v[a:a + m], vals_v[a:a + m].detach(), V, plan.topk_missing)
+            else:
+                t = None
             lab = None if lab_v is None else lab_v[a:a + m]
             # Prepare the student chunk in place (softcap, -inf floor, 1/T), then differentiate the row
             # function w.r.t. the prepared logits s; the chain back to the raw logits is applied to g below.
@@ -164,7 +197,12 @@ class _ChunkedDistill(torch.autograd.Function):
                 zf.div_(T)
             s = zf.detach().requires_grad_(grads_on)
             with torch.enable_grad() if grads_on else torch.no_grad():
-                kd = plan.rows(s, t, lab).sum()
+                if t is None:
+                    kd = s.new_zeros(())
+                elif kdw_v is None:
+                    kd = plan.rows(s, t, lab).sum()
+                else:
+                    kd = (plan.rows(s, t, lab) * kdw_v[a:a + m]).sum()
                 loss = kd * plan.kd_scale
                 if plan.ce_scale:
                     ce = F.cross_entropy(s * T if T != 1.0 else s, lab, reduction="sum")
@@ -222,7 +260,7 @@ class _ChunkedDistill(torch.autograd.Function):
         if need_b:
             out_b = (g_b * go).to(db)
         out_p = [(gp * go.to(gp.dtype)) if k else None for gp, k in zip(g_p, need_p)]
-        return (None, None, out_h, out_w, out_b, None, None, None, None, None, None, None, *out_p)
+        return (None, None, out_h, out_w, out_b, None, None, None, None, None, None, None, None, *out_p)
 
 
 def chunked_distill_loss(
@@ -245,6 +283,9 @@ def chunked_distill_loss(
     kd_weight: float = 1.0,
     ce_weight: float = 0.0,
     num_valid: int | torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
+    num_kd_valid: int | torch.Tensor | None = None,
+    topk_missing: str = "uniform",
     chunk_size: int | None = None,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
@@ -264,9 +305,10 @@ def chunked_distill_loss(
     V = ws.shape[0]
     params = dict(divergence_params or {})
     kinds = [k for k, v in (("hidden", teacher_hidden), ("logits", teacher_logits), ("topk", teacher_topk)) if v is not None]
-    if len(kinds) != 1:
-        raise ValueError(f"give exactly one teacher: teacher_hidden+teacher_head, teacher_logits or teacher_topk (got {kinds})")
-    kind = kinds[0]
+    if len(kinds) > 1 or (not kinds and kd_weight):
+        raise ValueError(f"give exactly one teacher: teacher_hidden+teacher_head, teacher_logits or teacher_topk (got "
+                         f"{kinds}); only a CE-only call (kd_weight=0) may give none")
+    kind = kinds[0] if kinds else "none"
     ht = t_logits = t_ids = t_vals = None
     if kind == "hidden":
         if wt is None:
@@ -281,8 +323,8 @@ def chunked_distill_loss(
         t_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
         if t_logits.shape != (N, V):
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match ({N}, {V})")
-    else:
-        t_ids, t_vals = (teacher_topk["indices"], teacher_topk["values"]) if isinstance(teacher_topk, dict) else teacher_topk
+    elif kind == "topk":
+        t_ids, t_vals = _topk_pair(teacher_topk)
         t_ids, t_vals = t_ids.reshape(N, -1), t_vals.reshape(N, -1)
     mod_params: list[torch.Tensor] = []
     group = params.pop("group_size", None)
@@ -301,29 +343,38 @@ def chunked_distill_loss(
             raise TypeError(f"divergence {div.name!r}: unknown parameter(s) {sorted(unknown)}; it takes {list(div.params)}")
         rows = functools.partial(div.rows, **params) if params else div.rows
         batchwise, sparse = div.batchwise, div.sparse_teacher
-    if sparse != (kind == "topk"):
-        raise ValueError(f"divergence {divergence!r} " + ("needs teacher_topk" if sparse else
-                         "needs a dense teacher (hidden states or logits); use 'sparse_topk_kl' for a top-k teacher"))
+    if sparse and kind != "topk" and kind != "none":
+        raise ValueError(f"divergence {divergence!r} needs teacher_topk (ids, log-probs)")
+    if kind == "topk" and not sparse:  # a dense divergence from a top-k teacher: densify each chunk
+        if topk_missing not in ("uniform", "renormalise"):
+            raise ValueError(f"topk_missing must be 'uniform' or 'renormalise' for divergence {divergence!r} "
+                             f"(got {topk_missing!r}; 'drop' exists only for 'sparse_topk_kl')")
+        kind = "topk_dense"
+    if batchwise and kd_mask is not None:
+        raise ValueError("kd_mask cannot be used with the batch-wise sinkhorn divergence (mask with `mask`)")
     if ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
     lab = None if labels is None else labels.reshape(-1).to(hs.device).long()
     valid = valid_mask((N,), hs.device, None if mask is None else mask.reshape(-1), lab, ignore_index)
     idx = valid.nonzero().squeeze(1)
     n = idx.numel()
-    count = n if num_valid is None else num_valid
-    count = max(float(count.item() if isinstance(count, torch.Tensor) else count), 1.0)
+    count = _count(n if num_valid is None else num_valid)
+    kd_count, kd_w = count, None
+    if kd_mask is not None:
+        kd_w = (kd_mask.reshape(-1).to(hs.device).bool() & valid).float()
+        kd_count = _count(kd_w.sum() if num_kd_valid is None else num_kd_valid)
     if batchwise:
         chunk = int(group) if group else max(n, 1)
     else:
         chunk = int(chunk_size) if chunk_size else default_chunk_size(V, max(n, 1))
     tscale = float(temperature) ** 2 if scale_t2 else 1.0
-    plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / count, ce_weight / count, max(chunk, 1),
-                 len(mod_params), torch.is_grad_enabled(), student_softcap, teacher_softcap)
+    plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / kd_count, ce_weight / count, max(chunk, 1),
+                 len(mod_params), torch.is_grad_enabled(), topk_missing, student_softcap, teacher_softcap)
     if n == 0:  # nothing counts: an exact zero that still back-propagates (zero gradients)
         zero = sum((x.reshape(-1)[:0].float().sum() for x in (hs, ws, bs, *mod_params) if x is not None),
                    hs.new_zeros((), dtype=torch.float32))  # empty slices: exactly 0, even with -inf biases
         return (zero, {"kd": zero.detach(), "ce": zero.detach()}) if return_parts else zero
-    out = _ChunkedDistill.apply(plan, idx, hs, ws, bs, ht, wt, bt, t_logits, t_ids, t_vals, lab, *mod_params)
+    out = _ChunkedDistill.apply(plan, idx, hs, ws, bs, ht, wt, bt, t_logits, t_ids, t_vals, lab, kd_w, *mod_params)
     return (out, plan.parts) if return_parts else out
 
 
@@ -339,7 +390,7 @@ class LMDistillLoss(nn.Module):
     "sparse_topk_kl"). Bound heads are *not* submodules, so the Objective neither re-optimises nor re-saves
     them. `divergence` is a name (`forward_kl`, `jsd`, ...) or "dac_kl" (a trainable `DACKL` sub-module built
     from `divergence_params`). Batch inputs: `labels (B, T)` aligned with the hidden states (shift them
-    before; `ignore_index` marks non-targets) and optional `mask (B, T)`. `ce_weight` adds the hard-label CE
+    before; `ignore_index` marks non-targets), optional `mask (B, T)` and `kd_mask (B, T)` (KD-only positions). `ce_weight` adds the hard-label CE
     in the same pass. `vocab_rows` compares only the first rows of both heads (padded vocabularies; see
     `still.losses.vocab.align_vocab`).
     """
@@ -347,7 +398,7 @@ class LMDistillLoss(nn.Module):
     def __init__(self, divergence: str = "forward_kl", divergence_params: dict[str, Any] | None = None,
                  temperature: float = 1.0, scale_t2: bool = False, kd_weight: float = 1.0, ce_weight: float = 0.0,
                  ignore_index: int = -100, chunk_size: int | None = None, vocab_rows: int | None = None,
-                 student_head: Any = None, teacher_head: Any = None) -> None:
+                 topk_missing: str = "uniform", student_head: Any = None, teacher_head: Any = None) -> None:
         super().__init__()
         self.divergence_params = dict(divergence_params or {})
         self.dac = DACKL(**self.divergence_params) if divergence == "dac_kl" else None
@@ -357,6 +408,7 @@ class LMDistillLoss(nn.Module):
         self.temperature, self.scale_t2 = float(temperature), bool(scale_t2)
         self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
         self.ignore_index, self.chunk_size, self.vocab_rows = int(ignore_index), chunk_size, vocab_rows
+        self.topk_missing = topk_missing
         self._heads: dict[str, Any] = {}
         self.bind(student_head, teacher_head)
 
@@ -378,7 +430,7 @@ class LMDistillLoss(nn.Module):
 
     def forward(self, student: Any, teacher: Any, labels: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, num_valid: int | torch.Tensor | None = None,
-                student_head: Any = None, teacher_head: Any = None) -> torch.Tensor:
+                kd_mask: torch.Tensor | None = None, student_head: Any = None, teacher_head: Any = None) -> torch.Tensor:
         """Views as in the class docstring; heads given here override bound ones."""
         kw: dict[str, Any] = {}
         if hasattr(student, "hidden") and hasattr(student, "weight"):
@@ -414,7 +466,7 @@ class LMDistillLoss(nn.Module):
             hs, ws, student_bias=bs, labels=labels, mask=mask, ignore_index=self.ignore_index,
             divergence=self.dac if self.dac is not None else self.divergence, divergence_params=params,
             temperature=self.temperature, scale_t2=self.scale_t2, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-            num_valid=num_valid, chunk_size=self.chunk_size, **kw)
+            num_valid=num_valid, kd_mask=kd_mask, topk_missing=self.topk_missing, chunk_size=self.chunk_size, **kw)
 
 
 def _lm_example() -> tuple[tuple, dict]:
