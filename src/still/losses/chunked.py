@@ -345,6 +345,7 @@ def chunked_distill_loss(
         batchwise, sparse = div.batchwise, div.sparse_teacher
     if sparse and kind != "topk" and kind != "none":
         raise ValueError(f"divergence {divergence!r} needs teacher_topk (ids, log-probs)")
+    topk_missing = "renormalise" if topk_missing == "renormalize" else topk_missing
     if kind == "topk" and not sparse:  # a dense divergence from a top-k teacher: densify each chunk
         if topk_missing not in ("uniform", "renormalise"):
             raise ValueError(f"topk_missing must be 'uniform' or 'renormalise' for divergence {divergence!r} "

@@ -177,6 +177,7 @@ def sparse_topk_rows(
     "renormalise": the teacher is renormalised over its top-k (exact KL to that distribution);
     "uniform": the missing mass is spread evenly over the V − k other tokens (DistillKit SYMMETRIC_UNIFORM).
     """
+    missing = "renormalise" if missing == "renormalize" else missing
     if missing not in MISSING_POLICIES:
         raise ValueError(f"sparse_topk_kl: missing must be one of {MISSING_POLICIES}, got {missing!r}")
     ids, lp = t
