@@ -192,9 +192,10 @@ def tokenize_docs(docs: Sequence[str], tokenizer: Any, eos: bool = True) -> torc
 
 
 class LMBlocks(Dataset):
-    """Fixed-length token blocks `{"input_ids": (T,), "attention_mask": (T,), "labels": (T,), "index", "domain"}`.
+    """Fixed-length token blocks `{"input_ids", "attention_mask", "labels", "y": (T,), "index", "domain"}`.
 
-    `labels` equals `input_ids` (HF convention: the model shifts). `domain` is the integer id of the
+    `labels` equals `input_ids` (HF convention: the model shifts); `y` holds the next-token targets
+    (`input_ids[1:]`, then -100), so still's generic metrics (accuracy) read next-token accuracy. `domain` is the integer id of the
     block's domain within `domains` (for DDK's sampler and per-domain evaluation).
     """
 
@@ -234,7 +235,8 @@ class LMBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         x = self.blocks[i]
-        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone(),
+        y = torch.cat([x[1:], torch.tensor([-100])])  # next-token targets (for still's metrics: accuracy)
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone(), "y": y,
                 "index": torch.tensor(i), "domain": self.domain_ids[i]}
 
     def domain_indices(self, domain: str | int) -> torch.Tensor:

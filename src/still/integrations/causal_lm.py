@@ -382,6 +382,8 @@ def lm_head_outputs(model: nn.Module, batch: Mapping[str, Any], rows: torch.Tens
     from still.taps import unwrap_model
 
     m = unwrap_model(model)
+    if isinstance(m, (FusedHeadLM, LogitsLM)):
+        m = m.lm
     body = m.base_model
     kwargs = {"input_ids": batch[input_key]}
     if "attention_mask" in batch:
@@ -407,6 +409,27 @@ class FusedHeadLM(nn.Module):
         if attention_mask is not None:
             batch["attention_mask"] = attention_mask
         return lm_head_outputs(self.lm, batch)
+
+
+class LogitsLM(nn.Module):
+    """Wraps an HF causal LM so its forward returns the logits tensor `(B, T, V)` (for still's generic
+    engine, recipes and metrics, whose root view is a tensor). `lm_head_outputs` sees through it."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.config = lm.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm.get_output_embeddings()
+
+
+def logits_lm_from_config(config: Any, **kwargs: Any) -> LogitsLM:
+    """`LogitsLM(student_from_config(config, **kwargs))`: a recipe factory (`model.factory`)."""
+    return LogitsLM(student_from_config(config, **kwargs))
 
 
 class CausalLMTeacher(Teacher):
