@@ -23,6 +23,11 @@ FARSLIP_PAPER = "FarSLIP: fine-grained aligned remote-sensing language-image pre
 MGD_PAPER = "Qin et al. Multi-Granularity Distillation for Lightweight Semi-supervised Segmentation (ECCV 2022)"
 
 
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 unless it is already float32/float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _ex_maps() -> tuple[tuple, dict]:
     g = torch.Generator().manual_seed(0)
     return (torch.randn(2, 3, 8, 8, generator=g, requires_grad=True), torch.randn(2, 3, 8, 8, generator=g)), {}
@@ -67,14 +72,14 @@ def hcl(student: torch.Tensor | Sequence[torch.Tensor], teacher: torch.Tensor | 
     if isinstance(student, (list, tuple)):
         return sum(hcl(s, t, levels) for s, t in zip(student, teacher))  # type: ignore[return-value]
     h = student.shape[-2]
-    loss = F.mse_loss(student.float(), teacher.float())
+    loss = F.mse_loss(_f(student), _f(teacher))
     tot, weight = 1.0, 1.0
     for lvl in levels:
         if lvl >= h:
             continue
         weight /= 2.0
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(student.float(), lvl),
-                                          F.adaptive_avg_pool2d(teacher.float(), lvl))
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(_f(student), lvl),
+                                          F.adaptive_avg_pool2d(_f(teacher), lvl))
         tot += weight
     return loss / tot
 
@@ -176,10 +181,12 @@ class SelectiveGlobal(nn.Module):
         self.fraction = self.schedule(step, total_steps)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if teacher.dim() == 4:  # a teacher feature map (B, D, h, w): its global average is the embedding
+            teacher = _f(teacher).mean((2, 3))
         if self.proj is None:
             self.proj = nn.Conv2d(student.shape[1], teacher.shape[-1], 1).to(student.device)
         f = self.proj(student).flatten(2).transpose(1, 2)  # (B, N, D)
-        g = F.normalize(teacher.float(), dim=-1)
+        g = F.normalize(_f(teacher), dim=-1)
         sim = torch.einsum("bnd,bd->bn", F.normalize(f, dim=-1), g)
         k = max(1, math.ceil(self.fraction * f.shape[1]))
         idx = sim.topk(k, dim=1).indices
@@ -197,7 +204,7 @@ def l1_embed(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | 
     `mask` (...) selects valid rows (e.g. present boxes). The paper's gains (256 object, 128 block)
     are the terms' weights.
     """
-    s, t = student.float(), teacher.float()
+    s, t = _f(student), _f(teacher)
     if normalize:
         s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
     d = (s - t).abs().sum(-1)
@@ -211,7 +218,7 @@ def l1_embed(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | 
     (torch.randn(2, 4, requires_grad=True), torch.randn(2, 4)), {}))
 def mse_sum(student: torch.Tensor, teacher: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """OADP global term: Σ (s - t)² over embedding dims, mean over the batch (gain 0.5 as the weight)."""
-    s, t = student.float(), teacher.float()
+    s, t = _f(student), _f(teacher)
     if normalize:
         s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
     return (s - t).pow(2).sum(-1).mean()
@@ -230,7 +237,7 @@ def patch_to_patch(student: torch.Tensor, teacher: torch.Tensor, boxes: torch.Te
     """
     pooled = roi_align(student, boxes, output_size, spatial_scale).mean((-2, -1))  # (B, K, C)
     valid = (boxes >= 0).all(-1)
-    cos = F.cosine_similarity(pooled.float(), teacher.float(), dim=-1)
+    cos = F.cosine_similarity(_f(pooled), _f(teacher), dim=-1)
     return (1 - cos)[valid].mean() if valid.any() else student.sum() * 0.0
 
 
@@ -239,7 +246,7 @@ def patch_to_patch(student: torch.Tensor, teacher: torch.Tensor, boxes: torch.Te
 def region_similarity(student: torch.Tensor, teacher: torch.Tensor, grid: int = 7) -> torch.Tensor:
     """MGD region-level content-aware loss: MSE of the (g², g²) cosine self-similarity of g×g pooled maps."""
     def sim(x: torch.Tensor) -> torch.Tensor:
-        q = F.normalize(F.adaptive_avg_pool2d(x.float(), grid).flatten(2), dim=1)  # (B, C, g²)
+        q = F.normalize(F.adaptive_avg_pool2d(_f(x), grid).flatten(2), dim=1)  # (B, C, g²)
         return q.transpose(1, 2) @ q
     return F.mse_loss(sim(student), sim(teacher))
 
@@ -247,10 +254,10 @@ def region_similarity(student: torch.Tensor, teacher: torch.Tensor, grid: int = 
 @register_loss("gap_l1", paper=MGD_PAPER, example=_ex_maps)
 def gap_l1(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """MGD image-level semantic-sensitive loss: Σ_c |GAP(z_s) - GAP(z_t)|, mean over the batch (λ1 = 0.002)."""
-    return (student.float().mean((2, 3)) - teacher.float().mean((2, 3))).abs().sum(-1).mean()
+    return (_f(student).mean((2, 3)) - _f(teacher).mean((2, 3))).abs().sum(-1).mean()
 
 
 @register_loss("pseudo_label_ce", paper=MGD_PAPER, shape_check="same", example=_ex_maps)
 def pseudo_label_ce(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Cross pseudo-supervision: CE(student logits (B, K, ...), argmax of the other branch's logits)."""
-    return F.cross_entropy(student.float(), teacher.detach().argmax(1))
+    return F.cross_entropy(_f(student), teacher.detach().argmax(1))
