@@ -73,14 +73,15 @@ def setup(quick: bool, out: Path) -> dict:
     load_s = time.perf_counter() - t0
     block = 64
     train_full = domain_blocks(domains, tok, "train", block, int(os.environ.get("LLM_TRAIN_CHARS", 40_000)))
-    test_full = domain_blocks(domains, tok, "test", block, 6_000, max_blocks=12)
+    test_full = domain_blocks(domains, tok, "test", block, 6_000, max_blocks=int(os.environ.get("LLM_TEST_BLOCKS", 12)))
     sub = SubVocab.from_corpus(train_full.blocks, len(tok), always=[tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
                                unk_full=tok.unk_token_id if tok.unk_token_id is not None else 0)
     t1 = time.perf_counter()
     sub.measure_dropped_mass(tmodel, test_full.blocks[::3][:4])
     teacher = CausalLMTeacher(tmodel, rows=sub.ids, topk=32, tokenizer=tok)
     K = len(sub.ids)
-    scfg = dict(model_type="llama", vocab_size=K + 1, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+    dim, layers = int(os.environ.get("LLM_STUDENT_DIM", 256)), int(os.environ.get("LLM_STUDENT_LAYERS", 4))
+    scfg = dict(model_type="llama", vocab_size=K + 1, hidden_size=dim, intermediate_size=3 * dim, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
     info = {"name": "Gemma-3-270M (GGUF Q4_K_M dequantised to fp32)", "load_s": load_s, "licence": GEMMA_NOTICE,
             "sub_vocab": K, "dropped_mass": sub.dropped_mass, "dropped_mass_s": time.perf_counter() - t1,
@@ -218,6 +219,10 @@ def main() -> None:
         "Sample (greedy, 20 tokens): " + "; ".join(
             f"**{k}**: “{gens[k][0]['prompt']}” → “{gens[k][0]['continuation']}”" for k in ("teacher", "scratch/0", "fkl/0")),
     ])
+    if not a.quick:
+        md += ("\n\nSettings: LLM_TRAIN_CHARS=%s per domain, LLM_TEST_BLOCKS=%s per domain, student dim %s × %s layers "
+               "(environment of this run)." % (os.environ.get("LLM_TRAIN_CHARS", 40000), os.environ.get("LLM_TEST_BLOCKS", 12),
+                                                 S["scfg"]["hidden_size"], S["scfg"]["num_hidden_layers"]))
     report = {"teacher": info, "teacher_ppl": tp, "params": {"teacher": t_params, "student": s_params},
               "steps": steps, "tokens_per_student": tokens, "record_s": record_s, "speed": speed,
               "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("model", "losses", "step_times")}

@@ -102,7 +102,9 @@ _READERS: dict[str, Callable[[], list[str]]] = {"kjv": _kjv, "fortunes": _fortun
 def _all_docs(domain: str) -> tuple[str, ...]:
     if domain not in _READERS:
         raise KeyError(f"unknown text domain {domain!r}; known: {', '.join(DOMAINS)}")
-    return tuple(_READERS[domain]())
+    # exact duplicates (pydoc repeats paragraphs across topics, fortune files overlap) are dropped, so no
+    # text is both in train and in test
+    return tuple(dict.fromkeys(_READERS[domain]()))
 
 
 def available_domains() -> list[str]:
