@@ -44,14 +44,18 @@ def _logits(h, w, b):
 DENSE_KEYS = list(REFS)
 
 
-@pytest.mark.parametrize("key", DENSE_KEYS)
-def test_chunked_vs_dense_vs_naive(key):
+CASES = [(k, True) for k in DENSE_KEYS] + [(k, False) for k in ("forward_kl", "reverse_kl", "jsd_b03")]
+
+
+@pytest.mark.parametrize("key,fused", CASES)
+def test_chunked_vs_dense_vs_naive(key, fused):
+    """fused=True: closed-form chunk gradients where they exist; False: autograd of the row function."""
     (hs, ws, bs), (ht, wt, bt), labels = _setup()
     name = "jsd" if key.startswith("jsd") else key
     params = REFS[key][1]
     T = 2.0
     loss = chunked_distill_loss(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, labels=labels, divergence=name,
-                                divergence_params=params, temperature=T, chunk_size=8)
+                                divergence_params=params, temperature=T, chunk_size=8, use_fused=fused)
     g_chunk = _grads(loss, (hs, ws, bs))
     zs, zt = _logits(hs, ws, bs), _logits(ht, wt, bt)
     dense = LOSSES.get(name)(zs, zt, labels=labels, temperature=T, **params)
@@ -154,9 +158,10 @@ def test_cached_teacher_logits_with_extreme_and_minus_inf_entries():
     zt[:, -3:] = float("-inf")
     bs.requires_grad_()
     labels = labels.clamp_max(V - 4)  # the CE target is never a banned token
-    for div in ["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_rkl"]:
+    for div, fused in [(d, True) for d in ["forward_kl", "reverse_kl", "jsd", "tv", "skew_kl", "skew_rkl"]] + \
+            [(d, False) for d in ["forward_kl", "reverse_kl", "jsd"]]:
         loss = chunked_distill_loss(hs, ws, student_bias=bs, teacher_logits=zt, labels=labels, divergence=div,
-                                    chunk_size=8, ce_weight=0.5)
+                                    chunk_size=8, ce_weight=0.5, use_fused=fused)
         gs = _grads(loss, (hs, ws, bs))
         dense = LOSSES.get(div)(_logits(hs, ws, bs), zt, labels=labels) + 0.5 * F.cross_entropy(_logits(hs, ws, bs), labels)
         assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in gs), div

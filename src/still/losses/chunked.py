@@ -21,6 +21,8 @@
         kd_mask=None, num_kd_valid=None,  # KD only where kd_mask (N,) (CE keeps every valid token), own normaliser
         topk_missing="uniform",    # a dense divergence from teacher_topk: each chunk densified ("uniform"|"renormalise")
         chunk_size=None,           # tokens per chunk (default: about 32 MiB of fp32 logits per chunk)
+        use_fused=True,            # closed-form chunk gradients where the divergence has them (KL, RKL, JSD);
+                                   #   False: autograd of the row function (the reference; same value)
         student_softcap=None, teacher_softcap=None,  # Gemma-style final logit soft-capping: cap·tanh(z/cap)
         return_parts=False,        # also return {"kd": ..., "ce": ...} (detached, each already normalised)
     ) -> Tensor (fp32 scalar)
@@ -89,6 +91,7 @@ class _Plan:
     n_params: int
     grad_enabled: bool = True
     topk_missing: str = "uniform"
+    fused: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     s_cap: float | None = None
     t_cap: float | None = None
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -125,6 +128,26 @@ def densify_topk(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, missing:
         return out.scatter_(1, ids.long(), lp - torch.logsumexp(lp, -1, keepdim=True))
     rest = ((1.0 - lp.exp().sum(-1)).clamp_min(1e-30) / (vocab - k)).log()
     return rest[:, None].expand(m, vocab).clone().scatter_(1, ids.long(), lp)
+
+
+def _fused_chunk(plan: _Plan, s: torch.Tensor, t: torch.Tensor, lab: torch.Tensor | None,
+                 w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d loss / d s for one chunk of prepared logits `s (m, V)` from the divergence's closed form (+ CE)."""
+    rows, g = plan.fused(s, t)
+    if w is not None:
+        rows = rows * w
+        g.mul_(w[:, None])
+    g.mul_(plan.kd_scale)
+    ce = s.new_zeros(())
+    if plan.ce_scale:  # CE(T·s): d/ds = T·(softmax(T·s) − onehot)
+        T = plan.temperature
+        zc = s * T if T != 1.0 else s
+        lse = torch.logsumexp(zc, -1)
+        ce = (lse - zc.gather(1, lab[:, None]).squeeze(1)).sum()
+        sm = torch.sub(zc, lse[:, None]).exp_()
+        sm[torch.arange(sm.shape[0], device=sm.device), lab] -= 1.0
+        g.add_(sm, alpha=plan.ce_scale * T)
+    return g, rows.sum(), ce
 
 
 class _ChunkedDistill(torch.autograd.Function):
@@ -195,22 +218,25 @@ class _ChunkedDistill(torch.autograd.Function):
             T = plan.temperature
             if T != 1.0:
                 zf.div_(T)
-            s = zf.detach().requires_grad_(grads_on)
-            with torch.enable_grad() if grads_on else torch.no_grad():
-                if t is None:
-                    kd = s.new_zeros(())
-                elif kdw_v is None:
-                    kd = plan.rows(s, t, lab).sum()
-                else:
-                    kd = (plan.rows(s, t, lab) * kdw_v[a:a + m]).sum()
-                loss = kd * plan.kd_scale
-                if plan.ce_scale:
-                    ce = F.cross_entropy(s * T if T != 1.0 else s, lab, reduction="sum")
-                    loss = loss + ce * plan.ce_scale
-                    ce_sum += ce.detach()
-                kd_sum += kd.detach()
-                if grads_on:
-                    got = torch.autograd.grad(loss, [s, *wrt_params], allow_unused=True)
+            w = None if kdw_v is None else kdw_v[a:a + m]
+            if grads_on and plan.fused is not None and t is not None:
+                g, kd, ce = _fused_chunk(plan, zf, t, lab, w)  # closed form, no autograd graph
+                got: tuple = (g,)
+                s = zf
+            else:
+                s = zf.detach().requires_grad_(grads_on)
+                with torch.enable_grad() if grads_on else torch.no_grad():
+                    kd = s.new_zeros(()) if t is None else (
+                        plan.rows(s, t, lab).sum() if w is None else (plan.rows(s, t, lab) * w).sum())
+                    loss = kd * plan.kd_scale
+                    ce = s.new_zeros(())
+                    if plan.ce_scale:
+                        ce = F.cross_entropy(s * T if T != 1.0 else s, lab, reduction="sum")
+                        loss = loss + ce * plan.ce_scale
+                    if grads_on:
+                        got = torch.autograd.grad(loss, [s, *wrt_params], allow_unused=True)
+            kd_sum += kd.detach()
+            ce_sum += ce.detach()
             if not grads_on:
                 continue
             g = got[0]
@@ -233,7 +259,7 @@ class _ChunkedDistill(torch.autograd.Function):
                     if got[j] is not None:
                         g_p[i].add_(got[j])
                     j += 1
-            del got, g, zf, s, loss
+            del got, g, zf, s
         plan.parts = {"kd": kd_sum * plan.kd_scale, "ce": ce_sum * plan.ce_scale}
         ctx.plan_n, ctx.dense = N, dense
         saved = [idx] + [x if x is not None else torch.empty(0) for x in (g_hs, g_w, g_b)] + g_p
@@ -287,6 +313,7 @@ def chunked_distill_loss(
     num_kd_valid: int | torch.Tensor | None = None,
     topk_missing: str = "uniform",
     chunk_size: int | None = None,
+    use_fused: bool = True,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     return_parts: bool = False,
@@ -334,6 +361,7 @@ def chunked_distill_loss(
         if params:
             raise TypeError(f"divergence_params {sorted(params)} cannot be given with a divergence module")
         rows: Callable[..., torch.Tensor] = divergence.rows
+        fused = None
         mod_params = [p for p in divergence.parameters()]
         batchwise, sparse = False, False
     else:
@@ -342,6 +370,7 @@ def chunked_distill_loss(
         if unknown:
             raise TypeError(f"divergence {div.name!r}: unknown parameter(s) {sorted(unknown)}; it takes {list(div.params)}")
         rows = functools.partial(div.rows, **params) if params else div.rows
+        fused = None if div.fused is None else (functools.partial(div.fused, **params) if params else div.fused)
         batchwise, sparse = div.batchwise, div.sparse_teacher
     if sparse and kind != "topk" and kind != "none":
         raise ValueError(f"divergence {divergence!r} needs teacher_topk (ids, log-probs)")
@@ -370,7 +399,8 @@ def chunked_distill_loss(
         chunk = int(chunk_size) if chunk_size else default_chunk_size(V, max(n, 1))
     tscale = float(temperature) ** 2 if scale_t2 else 1.0
     plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / kd_count, ce_weight / count, max(chunk, 1),
-                 len(mod_params), torch.is_grad_enabled(), topk_missing, student_softcap, teacher_softcap)
+                 len(mod_params), torch.is_grad_enabled(), topk_missing, fused if use_fused else None,
+                 student_softcap, teacher_softcap)
     if n == 0:  # nothing counts: an exact zero that still back-propagates (zero gradients)
         zero = sum((x.reshape(-1)[:0].float().sum() for x in (hs, ws, bs, *mod_params) if x is not None),
                    hs.new_zeros((), dtype=torch.float32))  # empty slices: exactly 0, even with -inf biases

@@ -114,6 +114,45 @@ def jsd_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = Non
     return beta * _kl_terms(lt.exp(), lt, lm) + (1.0 - beta) * _kl_terms(ls.exp(), ls, lm)
 
 
+# Closed-form (rows, d Σrows / ds) for the hot divergences, so the chunked engine needs 4 (M, V) buffers
+# instead of autograd's ~10-20. They are the derivatives of the row functions above, and
+# tests/test_divergences.py::test_fused_gradients_equal_autograd_of_rows holds them to it.
+def forward_kl_fused(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p_t ‖ p_s) rows and their gradient w.r.t. s: p_s − p_t."""
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    d = lt - ls
+    p = lt.exp_()
+    rows = d.mul_(p).sum(-1)
+    return rows, ls.exp_().sub_(p)
+
+
+def reverse_kl_fused(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(p_s ‖ p_t) rows and their gradient: p_s ⊙ (log p_s − log p_t − KL)."""
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    d = torch.sub(ls, lt, out=lt)
+    q = ls.exp_()
+    rows = (q * d).sum(-1)
+    return rows, d.sub_(rows[:, None]).mul_(q)
+
+
+def jsd_fused(s: torch.Tensor, t: torch.Tensor, beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """JSD(β) rows and their gradient: (1−β) p_s ⊙ (log(p_s/m) − KL(p_s ‖ m)) (the p_t/m terms cancel)."""
+    if beta == 0.0:
+        return forward_kl_fused(s, t)
+    if beta == 1.0:
+        return reverse_kl_fused(s, t)
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    lm = lt + math.log(beta)
+    tmp = ls + math.log1p(-beta)
+    torch.logaddexp(lm, tmp, out=lm)
+    kl_p = torch.sub(lt, lm, out=tmp).mul_(lt.exp_()).sum(-1)
+    d = torch.sub(ls, lm, out=tmp)  # log(p_s / m)
+    q = ls.exp_()
+    kl_q = torch.mul(q, d, out=lm).sum(-1)
+    rows = beta * kl_p + (1.0 - beta) * kl_q
+    return rows, d.sub_(kl_q[:, None]).mul_(q).mul_(1.0 - beta)
+
+
 def tv_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Total variation ½ Σ |p_t − p_s| per row."""
     return 0.5 * (F.softmax(t, -1) - F.softmax(s, -1)).abs().sum(-1)
@@ -211,14 +250,15 @@ class Divergence:
     batchwise: bool = False
     sparse_teacher: bool = False
     params: tuple[str, ...] = field(default_factory=tuple)
+    fused: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # (s, t, **params) -> (rows, grad_s)
 
 
 DIVERGENCES: dict[str, Divergence] = {
     d.name: d
     for d in [
-        Divergence("forward_kl", forward_kl_rows),
-        Divergence("reverse_kl", reverse_kl_rows),
-        Divergence("jsd", jsd_rows, params=("beta",)),
+        Divergence("forward_kl", forward_kl_rows, fused=forward_kl_fused),
+        Divergence("reverse_kl", reverse_kl_rows, fused=reverse_kl_fused),
+        Divergence("jsd", jsd_rows, params=("beta",), fused=jsd_fused),
         Divergence("tv", tv_rows),
         Divergence("skew_kl", skew_kl_rows, params=("alpha",)),
         Divergence("skew_rkl", skew_rkl_rows, params=("alpha",)),
