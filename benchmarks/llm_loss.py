@@ -257,6 +257,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=None, help="still's tokens per chunk (default: the engine's)")
     ap.add_argument("--contenders", nargs="+", default=["naive", "trl", "liger", "still"])
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    ap.add_argument("--section", default=None, help="BENCHMARKS.md section (default: llm_loss, or llm_loss (quick))")
     args = ap.parse_args()
     if args.quick:
         # N/chunk = 16 as at the full shape (4096 / 256), so the memory ratios mean the same thing
@@ -274,7 +275,8 @@ def main() -> None:
                                 args.contenders))
         all_ratios.update(ratios(shapes[-1]))
         if not args.no_write:
-            write_section("llm_loss (quick)" if args.quick else "llm_loss", markdown(shapes, args, all_ratios))
+            write_section(args.section or ("llm_loss (quick)" if args.quick else "llm_loss"),
+                          markdown(shapes, args, all_ratios))
     emit_json({"quick": args.quick, "N": args.tokens, "dtype": args.dtype, "gpu": torch.cuda.is_available(),
                **{k: round(v, 4) for k, v in all_ratios.items()}})
 
