@@ -144,3 +144,28 @@ def test_registered_methods_build_objectives():
         assert spec.objective().student_views() == ["lm"]
     assert build_method("gkd", lmbda=0.3).lm.on_policy == 0.3
     assert build_method("scrg").lm.scrg and build_method("scrg").lm.span_weight == 1.0
+
+
+def test_issue4_store_serves_lm_distillation(tmp_path):
+    """The teacher-signal store (still.teachers.store) records the sub-vocab logits view as top-k; lm_kd reads it."""
+    store_mod = pytest.importorskip("still.teachers.store")
+    from still.integrations.causal_lm import SubVocab, SubVocabCollate
+    from still.losses.llm_span import lm_kd
+
+    data = _blocks(n=4)
+    sub = SubVocab.from_corpus(data.blocks, 259)
+    collate = SubVocabCollate(sub)
+    teacher = CausalLMTeacher(student_from_config(CFG, seed=1), rows=sub.ids, topk=8)
+    out = store_mod.write_store(teacher, data, tmp_path / "s", views=["logits"], topk={"logits": 8},
+                                collate_fn=collate, batch_size=2, shard_size=2)
+    st = store_mod.StoreTeacher(out)
+    batch = collate([data[i] for i in (2, 0)])
+    rec, live = st.views(batch, ["logits"])["logits"], teacher.views(batch, ["topk"])["topk"]
+    assert torch.equal(rec.indices, live.indices)
+    student = lm_head_outputs(student_from_config({**CFG, "vocab_size": sub.size}, seed=0), batch)
+    a = lm_kd(student, rec, labels=batch["labels"], kd_rows=len(sub.ids))
+    b = lm_kd(student, live, labels=batch["labels"], kd_rows=len(sub.ids))
+    assert float(a) == pytest.approx(float(b), rel=2e-2)
+    r = train_lm(student_from_config({**CFG, "vocab_size": sub.size}, seed=0), data,
+                 LMDistillConfig(steps=2, batch_size=2, kd_rows=len(sub.ids)), teacher=st, collate=collate)
+    assert all(math.isfinite(x) for x in r["losses"])

@@ -170,6 +170,15 @@ def _lr_lambda(cfg: LMDistillConfig) -> Callable[[int], float]:
     return f
 
 
+def teacher_view(teacher: Teacher) -> str:
+    """The view `train_lm` asks a teacher for: "lm" (live fused head), else "topk", else "logits" (e.g. a
+    `still.teachers.store.StoreTeacher` that recorded the "logits" view as top-k)."""
+    for name in ("lm", "topk", "logits"):
+        if name in teacher.view_specs and not (name == "lm" and isinstance(teacher, TopKCacheTeacher)):
+            return name
+    raise KeyError(f"{type(teacher).__name__} serves none of the views lm, topk, logits ({teacher.available_views()})")
+
+
 def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teacher | None = None,
              collate: Callable | None = None, to_teacher_ids: Callable[[torch.Tensor], torch.Tensor] | None = None,
              to_student_ids: Callable[[torch.Tensor], torch.Tensor] | None = None, ddk_eval: Any = None,
@@ -191,7 +200,7 @@ def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teach
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    view = "lm" if teacher is not None and "lm" in teacher.view_specs else "topk"
+    view = teacher_view(teacher) if teacher is not None else "lm"
     domains = getattr(data, "domain_ids", None)
     n_dom = len(getattr(data, "domains", [0]))
     sampler = DDKSampler(n_dom, cfg.ddk_alpha, cfg.seed) if cfg.ddk else None
@@ -254,8 +263,7 @@ def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teach
         t_out = None
         src, src_view = teacher, view
         if kd_mask is None and offline_teacher is not None:
-            src = offline_teacher
-            src_view = "lm" if "lm" in offline_teacher.view_specs and not isinstance(offline_teacher, TopKCacheTeacher) else "topk"
+            src, src_view = offline_teacher, teacher_view(offline_teacher)
         if src is not None and kd_w:
             t_out = src.views(batch, [src_view])[src_view]
         loss = lm_kd(s_out, t_out, labels=batch["labels"], attention_mask=batch.get("attention_mask"),
