@@ -30,14 +30,16 @@
 How it works. Valid tokens are gathered first (masked tokens cost nothing). For each chunk of tokens the
 student logits are computed into a reused buffer, the teacher logits under no_grad into another, and
 the *same row function* the dense divergences use (`still.losses.divergences`) is differentiated with
-`torch.autograd.grad` on that chunk only. The chunk's gradient is pushed through the head at once
-(grad_h = g·W, grad_W += gᵀ·h), so the chunk's logits die before the next chunk. The whole thing is an
-`autograd.Function`: the gradients are computed in the forward and only rescaled in the backward, so it
-sits inside any normal `loss.backward()`; under `torch.no_grad()` no gradient work is done. bf16 inputs:
-GEMMs run in bf16, the loss in fp32, grad_W is accumulated in fp32; heads in another dtype than the hidden
-states (fp32 weights under autocast) are cast for the GEMMs and get their gradient in their own dtype. Chunking never changes the value (normalisation by the global count), except for
-the batch-wise `sinkhorn`, whose OT batch is the group of `group_size` valid tokens (dense: same
-`group_size` gives the same value).
+`torch.autograd.grad` on that chunk only; forward KL, reverse KL and JSD use their closed-form gradient
+(`Divergence.fused`, tested equal to autograd of the row function), which needs 4 chunk buffers instead
+of ~15. The chunk's gradient is pushed through the head at once (grad_h = g·W, grad_W += gᵀ·h), so the
+chunk's logits die before the next chunk. The whole thing is an `autograd.Function`: the gradients are
+computed in the forward and only rescaled in the backward, so it sits inside any normal
+`loss.backward()`; under `torch.no_grad()` no gradient work is done. bf16 inputs: GEMMs in bf16, the
+loss in fp32, grad_W accumulated in fp32; heads in another dtype than the hidden states (fp32 weights
+under autocast) are cast for the GEMMs and get their gradient in their own dtype. Chunking never changes
+the value (normalisation by the global count), except for the batch-wise `sinkhorn`, whose OT batch is
+the group of `group_size` valid tokens (dense: the same `group_size` gives the same value).
 
 `chunked_kd` (registered loss, `LMDistillLoss`) wraps this for an Objective: the student view is either an
 object with `.hidden (B, T, Hs)` and `.weight (V, Hs)` (+ `.bias`, `.softcap`; e.g.
