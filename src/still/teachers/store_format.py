@@ -5,9 +5,11 @@ A store is a directory::
     plan.json                  capture settings (teacher/data fingerprints, preprocessing, views, shard size);
                                written first; a resumed or parallel writer must agree with it
     shard-00000.safetensors    rows [0, S) of the item order; one tensor per field (below) plus
-                               `__sample_id__`, `__view_id__` (N,) int64
+                               `__sample_id__` (N,) int64 and, for augmented data, `__view_id__` (N,) int64
     shard-00000.json           sidecar {rows, bytes, sha256}: written after the shard, marks it complete
-    index.safetensors          `sample_id`, `view_id` (M,) int64 sorted by (sample, view) -> `shard` int32, `row` int64
+    index.safetensors          `sample_id` (+ `view_id`) (M,) int64 sorted by (sample, view) -> `row` int64, the
+                               global row (shard = row // S); absent when sample id i is row i and every view
+                               id is 0 (manifest `index.kind` "identity" instead of "sorted")
     manifest.json              written last: the plan + every shard's name/rows/sha256 + the index's sha256
 
 Shards are plain safetensors files (`safetensors.torch.load_file` opens them), read here through one
