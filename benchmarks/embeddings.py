@@ -19,6 +19,7 @@ Teacher embeddings are cached on disk (`~/.cache/still/embeddings`), so a rerun 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -118,7 +119,10 @@ def objective_for(teachers: dict[str, float], head_cosine: bool, kl_weight: floa
     return Objective(terms)
 
 
-def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start: float) -> None:
+def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start: float, part: str = "all") -> None:
+    """Run the experiments of `part` ("minilm": questions 1-2, "mpnet": 3-4, "all"), save their figures
+    to `~/.cache/still/bench/embeddings_<part>.json`, and write the section from every saved part
+    (two parts can run as two processes; each measures MiniLM's throughput as its own reference)."""
     from still.integrations import sentence_transformers as sti
     from still.integrations.embedding_eval import throughput
     from still.models.text import count_parameters, layer_dropped_student, static_student
@@ -137,7 +141,8 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
     record("all-MiniLM-L6-v2 (teacher)", suite.evaluate(minilm.encode), count_parameters(minilm.model),
            lambda t: sti.st_encode(minilm.model, t, cfg.batch_size), "minilm")
     m2v_dir = None
-    if cfg.model2vec:
+    do_minilm, do_mpnet = part in ("all", "minilm"), part in ("all", "mpnet") and mpnet is not None
+    if cfg.model2vec and do_minilm:
         import tempfile
 
         from model2vec import StaticModel
@@ -167,13 +172,20 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         return student
 
     # (2) static students, MiniLM teacher
-    train_eval("still static (256-d, PCA init) ← MiniLM",
-                             lambda: static_student("minilm", dim=256, init="pca"), {"minilm": 1.0}, "minilm",
-                             texts["static"], cfg.static_epochs, cfg.static_lr, 128, False, minilm, wd=0.0)
+    if do_minilm:
+        train_eval("still static (256-d, PCA init) ← MiniLM",
+                   lambda: static_student("minilm", dim=256, init="pca"), {"minilm": 1.0}, "minilm",
+                   texts["static"], cfg.static_epochs, cfg.static_lr, 128, False, minilm, wd=0.0)
+    if m2v_dir is not None:  # the same student started from model2vec's vectors, then trained by still
+        train_eval("still static (256-d, model2vec init) ← MiniLM",
+                   lambda: static_student("minilm", dim=256, init="model2vec", model2vec_path=str(m2v_dir)),
+                   {"minilm": 1.0}, "minilm", texts["static"], cfg.static_epochs, cfg.static_lr, 128, False, minilm,
+                   wd=0.0)
     # (1) transformer student, MiniLM teacher: 2 of its 6 layers, FFN pruned to 768 of 1536 neurons
-    train_eval("still 2-layer, FFN 768 ← MiniLM", lambda: layer_dropped_student("minilm", keep=2, ffn_width=768),
-               {"minilm": 1.0}, "minilm", texts["tf"], cfg.tf_epochs, cfg.tf_lr, cfg.batch_size, True, minilm)
-    if mpnet is not None:
+    if do_minilm:
+        train_eval("still 2-layer, FFN 768 ← MiniLM", lambda: layer_dropped_student("minilm", keep=2, ffn_width=768),
+                   {"minilm": 1.0}, "minilm", texts["tf"], cfg.tf_epochs, cfg.tf_lr, cfg.batch_size, True, minilm)
+    if do_mpnet:
         # MPNet's cache is first read here, so a `--prepare mpnet` running alongside can fill it meanwhile
         kjv_t["mpnet"] = suite.encode_kjv(mpnet.encode)
         record("all-mpnet-base-v2 (teacher)", suite.evaluate(mpnet.encode, kjv_t["minilm"], fortunes=False),
@@ -192,7 +204,32 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
     # throughput: same texts, same batch size, warmed up, interleaved
     tp_texts = suite.definitions[: cfg.throughput_texts]
     tp = throughput({k: v["encode"] for k, v in results.items()}, tp_texts, repeats=3)
-    report(cfg, results, tp, enc, quick, time.perf_counter() - t_start)
+    base = "all-MiniLM-L6-v2 (teacher)"
+    saved = {k: {"runs": v["runs"], "params": v["params"], "train_s": v["train_s"], "sent_per_s": tp[k],
+                 "x_minilm": tp[k] / tp[base]} for k, v in results.items()}
+    out_dir = CACHE / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "quick" if quick else part
+    (out_dir / f"embeddings_{tag}.json").write_text(json.dumps({"results": saved, "enc": enc,
+                                                               "seconds": time.perf_counter() - t_start}))
+    merge_and_report(cfg, [tag] if quick or part == "all" else ["minilm", "mpnet"], enc, quick)
+
+
+def merge_and_report(cfg: Config, parts: list[str], enc: dict, quick: bool) -> None:
+    """Merge the saved figures of `parts` (the MiniLM part wins for rows both have) and write the section."""
+    out_dir = CACHE / "bench"
+    merged: dict[str, dict] = {}
+    secs = 0.0
+    for p in parts:
+        f = out_dir / f"embeddings_{p}.json"
+        if f.exists():
+            d = json.loads(f.read_text())
+            secs = max(secs, d["seconds"])
+            for k, v in d["results"].items():
+                if k not in merged or p == "minilm":
+                    merged[k] = v
+                enc.update(d["enc"])
+    report(cfg, merged, enc, quick, secs)
 
 
 def _ms(runs, key, digits=3):
@@ -203,18 +240,19 @@ def _ms(runs, key, digits=3):
     return (f"{m:.{digits}f} ± {s:.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f}"), m
 
 
-def report(cfg, results, tp, enc, quick, total_s) -> None:
+def report(cfg, results, enc, quick, total_s) -> None:
     base = "all-MiniLM-L6-v2 (teacher)"
     r1_base = _ms(results[base]["runs"], "r1")[1]
     rows, figs = [], {"quick": quick, "seconds": round(total_s, 1), "teacher_encode_s": enc}
     for name, r in results.items():
         r1s, r1 = _ms(r["runs"], "r1")
-        row = [name, f"{r['params'] / 1e6:.1f}M", f"{tp[name]:.0f}", f"{tp[name] / tp[base]:.1f}×", r1s,
+        row = [name, f"{r['params'] / 1e6:.1f}M", f"{r['sent_per_s']:.0f}", f"{r['x_minilm']:.1f}×", r1s,
                f"{100 * r1 / r1_base:.0f}%", _ms(r["runs"], "r10")[0], _ms(r["runs"], "fortunes_acc")[0],
                _ms(r["runs"], "kjv_cosine")[0], _ms(r["runs"], "kjv_spearman")[0], len(r["runs"])]
         rows.append(row)
         figs[name] = {"r1": r1, "r10": _ms(r["runs"], "r10")[1], "fortunes": _ms(r["runs"], "fortunes_acc")[1],
-                      "sent_per_s": tp[name], "x_minilm": tp[name] / tp[base], "seeds": len(r["runs"])}
+                      "sent_per_s": r["sent_per_s"], "x_minilm": r["x_minilm"], "seeds": len(r["runs"]),
+                      "train_s": r.get("train_s")}
     table = markdown_table(["model", "params", "sent/s", "× MiniLM", "WordNet R@1", "% MiniLM R@1", "R@10",
                             "fortunes probe", "KJV cos", "KJV Spearman", "seeds"], rows)
 
@@ -231,7 +269,7 @@ def report(cfg, results, tp, enc, quick, total_s) -> None:
     else:
         goals.append("- Transformer student ≥ 3× MiniLM's throughput: no transformer student reached 3× → NOT met.")
     st, m2 = "still static (256-d, PCA init) ← MiniLM", "model2vec distill (256-d, no training)"
-    for cand in (st,):
+    for cand in (st, "still static (256-d, model2vec init) ← MiniLM"):
         if cand in figs:
             ok = f(cand, "x_minilm") >= 100 and f(cand, "r1") >= 0.75 * r1_base
             line = (f"- Static **{cand}**: {f(cand, 'x_minilm'):.0f}× MiniLM, {100 * f(cand, 'r1') / r1_base:.0f}% "
@@ -278,16 +316,23 @@ def report(cfg, results, tp, enc, quick, total_s) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run on a few hundred sentences (< 60 s, cached)")
+    ap.add_argument("--part", choices=["all", "minilm", "mpnet"], default="all",
+                    help="run only questions 1-2 (minilm) or 3-4 (mpnet); the section merges the saved parts")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the section from the saved parts")
     ap.add_argument("--prepare", choices=["all", "minilm", "mpnet"], help="only encode and cache teacher embeddings")
     args = ap.parse_args()
     cfg = QUICK if args.quick else Config()
     torch.set_num_threads(cfg.threads)
+    if args.report_only:
+        merge_and_report(cfg, ["quick"] if args.quick else ["minilm", "mpnet"], {}, args.quick)
+        return
     t_start = time.perf_counter()
-    suite, texts, minilm, mpnet, enc = load_everything(cfg, only=None if args.prepare in (None, "all") else args.prepare)
+    only = args.prepare if args.prepare not in (None, "all") else (None if args.part == "all" else args.part)
+    suite, texts, minilm, mpnet, enc = load_everything(cfg, only=only)
     if args.prepare:
         print(f"cached teacher embeddings in {enc}", flush=True)
         return
-    run_all(cfg, suite, texts, minilm, mpnet, enc, quick=args.quick, t_start=t_start)
+    run_all(cfg, suite, texts, minilm, mpnet, enc, quick=args.quick, t_start=t_start, part=args.part)
 
 
 if __name__ == "__main__":
