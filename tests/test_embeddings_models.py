@@ -186,3 +186,17 @@ def test_eval_helpers():
     assert tp["a"] > 0
     with pytest.raises(ValueError, match="pairs"):
         retrieval_recall(x, x[:5])
+
+
+def test_st_teacher_records_into_the_teacher_signal_store(tmp_path, teacher):
+    store_mod = pytest.importorskip("still.teachers.store")
+    from still.data.text import TextDataset, text_collate
+
+    ds = TextDataset("tiny", TEXTS)
+    t = sti.STTeacher(teacher.model, view="embedding")
+    store_mod.write_store(t, ds, tmp_path / "emb.store", dtype="float32", shard_size=4, batch_size=3,
+                          collate_fn=text_collate, data_fingerprint=ds.fingerprint())
+    served = store_mod.StoreTeacher(tmp_path / "emb.store")
+    batch = text_collate([ds[i] for i in (5, 0, 7)])
+    got = served.views(batch, ["embedding"])["embedding"]
+    torch.testing.assert_close(got, t.encode([TEXTS[5], TEXTS[0], TEXTS[7]]), rtol=1e-5, atol=1e-6)
