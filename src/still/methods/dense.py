@@ -206,7 +206,7 @@ def mgd(cps_weight: float = 1.0, gap_weight: float = 0.002, region_weight: float
 def lad(kd_weight: float = 1.0, temperature: float = 1.0, noise: float = 0.1, noise_b: float = 0.5,
         consistency: float = 1.0, teacher_epochs: int = 3) -> MethodSpec:
     """CE + pixel KD from the label-assisted teacher: a U-Net over image ⊕ noised one-hot label
-    (input 1 + K channels: give the teacher model `input_shape: [12, 64, 64]`), trained by `prepare`
+    (`seg_unet_lad_px`: 1 + K input channels), trained by `prepare`
     with dual-path consistency (CE on two noise draws + MSE of their softmaxes)."""
     spec = seg_kd(kd_weight=kd_weight, temperature=temperature)
 
@@ -222,13 +222,8 @@ def lad(kd_weight: float = 1.0, temperature: float = 1.0, noise: float = 0.1, no
     def prepare(teacher: Any, student: nn.Module, train_data: Any) -> None:
         from still.teachers.label_assisted import fit_label_assisted
 
-        model = teacher.model
-        for p in model.parameters():
-            p.requires_grad_(True)
-        fit_label_assisted(model, train_data, epochs=teacher_epochs, noise=noise, noise_b=noise_b,
+        fit_label_assisted(teacher.model, train_data, epochs=teacher_epochs, noise=noise, noise_b=noise_b,
                            consistency=consistency)
-        for p in model.parameters():
-            p.requires_grad_(False)
 
     spec.wrap_teacher, spec.prepare = wrap, prepare
     spec.notes = "the teacher sees the label at distillation time too (privileged information)"

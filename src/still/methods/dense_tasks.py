@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -80,12 +81,17 @@ class MosaicSeg(Dataset):
         return f"{self.base.fingerprint()}-seg{int(self.labelled.sum())}-{self.cutmix}-{self.seed}"
 
 
+@functools.lru_cache(maxsize=8)
+def _base(split: str, n: int, seed: int, root: str | None) -> Any:
+    return fmnist_mosaic(split, num_samples=n, seed=seed, root=root)
+
+
 @register_dataset("fmnist_mosaic_seg", paper="built here from Fashion-MNIST (Xiao et al. 2017)")
 def fmnist_mosaic_seg(split: str = "train", num_samples: int = 2000, seed: int = 0, subset: int | None = None,
                       labelled_fraction: float = 1.0, cutmix: bool = False, root: str | None = None) -> MosaicSeg:
     """Mosaics (1, 64, 64) with y = mask (64, 64) in 0..10; the test split is always fully labelled."""
     n = min(num_samples, subset) if subset else num_samples
-    base = fmnist_mosaic(split, num_samples=n, seed=seed, root=root)
+    base = _base(split, n, seed, root)
     lab = torch.ones(n, dtype=torch.bool)
     if split == "train" and labelled_fraction < 1.0:
         k = max(1, int(round(labelled_fraction * n)))
@@ -114,6 +120,28 @@ def seg_unet_small_px(num_classes: int = NUM_SEG_CLASSES, input_shape: Sequence[
                       channels: Sequence[int] = (8, 16, 32)) -> PixelUNet:
     """Segmentation student (8-16-32 U-Net) with pixel-row logits (B, H, W, K)."""
     return PixelUNet(channels, num_classes, int(input_shape[0]))
+
+
+class LabelInputUNet(PixelUNet):
+    """LAD's teacher body: a PixelUNet over image ⊕ one-hot label (1 + K channels). Called on the image
+    alone (e.g. to measure it), the label channels are zeros: the teacher without its privileged input."""
+
+    def __init__(self, channels: Sequence[int], num_classes: int, image_channels: int = 1) -> None:
+        super().__init__(channels, num_classes, image_channels + num_classes)
+        self.image_channels = image_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.image_channels:
+            k = self.encoder[0][0].in_channels - self.image_channels
+            x = torch.cat([x, x.new_zeros(x.shape[0], k, *x.shape[2:])], 1)
+        return super().forward(x)
+
+
+@register_model("seg_unet_lad_px")
+def seg_unet_lad_px(num_classes: int = NUM_SEG_CLASSES, input_shape: Sequence[int] = (1, 64, 64),
+                    channels: Sequence[int] = (16, 32, 64)) -> LabelInputUNet:
+    """LAD teacher: 16-32-64 U-Net over image ⊕ noised one-hot label (1 + K input channels)."""
+    return LabelInputUNet(channels, num_classes, int(input_shape[0]))
 
 
 @register_metric("pixel_miou")

@@ -54,10 +54,14 @@ def _logits_cf(out: torch.Tensor, k: int) -> torch.Tensor:
      torch.randint(0, 3, (2, 4, 4))), {}))
 def dual_path_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, target: torch.Tensor,
                    consistency: float = 1.0) -> torch.Tensor:
-    """CE(a, y) + CE(b, y) + consistency·MSE(softmax a, softmax b); logits (B, K, H, W), y (B, H, W)."""
+    """CE(a, y) + CE(b, y) + consistency·MSE(softmax a, softmax b); logits (B, K, H, W), y (B, H, W)
+    (pixels of -100 ignored; a batch without labels gives the consistency term only)."""
     a = logits_a if logits_a.dtype in (torch.float32, torch.float64) else logits_a.float()
     b = logits_b if logits_b.dtype in (torch.float32, torch.float64) else logits_b.float()
-    ce = F.cross_entropy(a, target.long(), ignore_index=IGNORE) + F.cross_entropy(b, target.long(), ignore_index=IGNORE)
+    if bool((target != IGNORE).any()):
+        ce = F.cross_entropy(a, target.long(), ignore_index=IGNORE) + F.cross_entropy(b, target.long(), ignore_index=IGNORE)
+    else:  # an unlabelled batch: only the consistency term
+        ce = a.sum() * 0.0
     return ce + consistency * F.mse_loss(a.softmax(1), b.softmax(1))
 
 
@@ -110,6 +114,19 @@ def fit_label_assisted(model: nn.Module, data: Any, num_classes: int = 11, epoch
                        lr: float = 3e-3, noise: float = 0.1, noise_b: float = 0.5, consistency: float = 1.0,
                        seed: int = 0, label_key: str = "y", max_steps: int | None = None) -> list[float]:
     """Train `model` (input 1 + K channels) with the dual-path loss on `data`; returns per-step losses."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:  # a model already wrapped by LabelAssistedTeacher is frozen: train it, then refreeze
+        p.requires_grad_(True)
+    try:
+        return _fit(model, data, num_classes, epochs, batch_size, lr, noise, noise_b, consistency, seed, label_key,
+                    max_steps)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def _fit(model: nn.Module, data: Any, num_classes: int, epochs: int, batch_size: int, lr: float, noise: float,
+         noise_b: float, consistency: float, seed: int, label_key: str, max_steps: int | None) -> list[float]:
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
