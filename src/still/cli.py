@@ -32,7 +32,8 @@ def _seeds(text: str) -> list[int]:
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 120)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -116,15 +117,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print("still cache verify: give the store path: still cache verify STORE", file=sys.stderr)
             return 2
         result = mod.verify_store(args.store)
-        if result is not None:
-            print(result)
-        return 0
+        print(result)
+        return 0 if getattr(result, "ok", True) else 1
     if not args.out:
         print("still cache: give the store to write: still cache RECIPE --out STORE", file=sys.stderr)
         return 2
-    result = mod.cache_recipe(args.target, out=args.out, overrides=args.set or [])
-    if result is not None:
-        print(result)
+    result = mod.cache_recipe(args.target, out=args.out, overrides=args.set or [], workers=args.workers,
+                              runs_root=args.runs_root)
+    print(f"store written: {result}" if result is not None else "this rank's shards are written; "
+          "the last rank to finish writes the manifest")
     return 0
 
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", nargs="?", help="with 'verify': the store to check")
     p.add_argument("--out", default=None, help="the store to write")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--workers", type=int, default=1, help="local processes writing disjoint shards")
+    p.add_argument("--runs-root", default="runs", help="where the teacher cache lives (as for still run)")
     p.set_defaults(func=cmd_cache)
 
     _add_eval(sub)

@@ -114,10 +114,11 @@ def prepare_teacher(
     if spec is None:
         return None, None, {}
     if spec.store is not None:
-        store = build_store_teacher(spec.store)
+        store = build_store_teacher(recipe, train)
         return None, store, {"source": f"store {spec.store}"}
     assert spec.model is not None
-    model = build_model(spec.model, "teacher.model", train)
+    seed = spec.train.seed if spec.train is not None and spec.train.seed is not None else recipe.seed
+    model = seeded_model(spec.model, "teacher.model", seed, train)  # the same teacher for the same spec
     if spec.weights:
         load_weights(model, spec.weights, "teacher.weights")
     info: dict[str, Any] = {"source": f"weights {spec.weights}" if spec.weights else "as built (untrained)"}
@@ -127,6 +128,8 @@ def prepare_teacher(
         if (final / "teacher.safetensors").exists():
             load_weights(model, final / "teacher.safetensors", f"teacher cache {final}")
             info["source"] = f"cached {final}"
+            if (final / "train.json").exists():
+                info["train_s"] = json.loads((final / "train.json").read_text()).get("train_s")
             log(f"[bold]teacher[/]: reusing {final}")
         else:
             partial = cache_root / f"{key}.partial"
@@ -134,7 +137,6 @@ def prepare_teacher(
             (partial / "spec.json").write_text(json.dumps(
                 {"teacher": spec.model_dump(mode="json"), "data": recipe.data.model_dump(mode="json")}, indent=2))
             _, train_fn = _engine()
-            seed = spec.train.seed if spec.train.seed is not None else recipe.seed
             cfg = _config(spec.train, "teacher.train", seed=seed, progress=progress)
             resume = (partial / "checkpoints" / "last").exists()
             log(f"[bold]teacher[/]: training {spec.model.name or spec.model.factory} with cross-entropy "
@@ -185,6 +187,8 @@ def _train_variant(
             teacher = build_live_teacher(teacher_model, recipe.teacher, {k: parts.teacher_views[k] for k in need_t})
         if parts.wrap_teacher is not None:
             teacher = parts.wrap_teacher(teacher, student)
+        if parts.prepare is not None:
+            parts.prepare(teacher, student, train)
     cfg = _config(recipe.train, "train", seed=seed, progress=progress)
     eval_fn = make_eval_fn(test, recipe.eval.metrics, recipe.eval.batch_size, recipe.student.inputs)
     resume_here = resume and (out / "checkpoints" / "last").exists()

@@ -100,6 +100,8 @@ class ObjectiveParts:
     student_views: dict[str, str]
     teacher_views: dict[str, str]
     wrap_teacher: Callable[..., Any] | None = None
+    #: the method's once-before-training hook `(teacher, student, train_data) -> None`, if any
+    prepare: Callable[..., Any] | None = None
     method_name: str = ""
     sources: dict[str, str] = field(default_factory=dict)  # "student.logits" -> field it came from
 
@@ -117,7 +119,7 @@ def build_objective(recipe: Recipe, method: str | None = None, method_params: di
     s_views: dict[str, str] = {}
     t_views: dict[str, str] = {}
     sources: dict[str, str] = {}
-    wrap = None
+    wrap = prepare = None
     name = method or (recipe.method.name if recipe.method else "")
     if name:
         params = method_params if method is not None else (recipe.method.params if recipe.method else {})
@@ -133,6 +135,7 @@ def build_objective(recipe: Recipe, method: str | None = None, method_params: di
         for k, v in spec.teacher_views.items():
             t_views[k], sources[f"teacher.{k}"] = v, f"method {name!r} (default tap)"
         wrap = spec.wrap_teacher
+        prepare = getattr(spec, "prepare", None)
     if method is None:  # extra terms belong to the distilled run only
         for i, t in enumerate(recipe.terms):
             try:
@@ -158,7 +161,7 @@ def build_objective(recipe: Recipe, method: str | None = None, method_params: di
             f"{sorted(s_views) or 'none'}; add e.g. `student: {{views: {{{missing[0]}: <module path>}}}}`"
         )
     return ObjectiveParts(objective, {k: s_views[k] for k in need_s} or {"logits": s_views.get("logits", "")},
-                          t_views, wrap, name, sources)
+                          t_views, wrap, prepare, name, sources)
 
 
 def build_live_teacher(model: nn.Module, spec: TeacherSpec, views: dict[str, str]) -> Any:
@@ -172,15 +175,25 @@ def build_live_teacher(model: nn.Module, spec: TeacherSpec, views: dict[str, str
         raise RecipeError(f"teacher.views: {exc}") from None
 
 
-def build_store_teacher(path: str) -> Any:
-    """The recorded-store teacher at `path` (`still.teachers.store.StoreTeacher`)."""
-    try:
-        from still.teachers.store import StoreTeacher
-    except ImportError as exc:
-        raise RecipeError(f"teacher.store: the store teacher is not available in this install ({exc})") from None
+def build_store_teacher(recipe: Recipe, train_data: Any = None) -> Any:
+    """The recorded-store teacher of `teacher: {store: PATH}`, checked against the recipe's data.
+
+    Uses `still.teachers.cache_cmd.open_store_for_recipe`, which refuses a store recorded from other data
+    (the training set's fingerprint) or another data/preprocessing section.
+    """
+    assert recipe.teacher is not None and recipe.teacher.store is not None
+    path = recipe.teacher.store
     if not Path(path).exists():
         raise RecipeError(f"teacher.store: no store at {path}; record one with `still cache RECIPE --out {path}`")
-    return StoreTeacher(path)
+    try:
+        from still.teachers.cache_cmd import open_store_for_recipe
+        from still.teachers.store_format import StoreError
+    except ImportError as exc:
+        raise RecipeError(f"teacher.store: the store teacher is not available in this install ({exc})") from None
+    try:
+        return open_store_for_recipe(recipe, train_data)
+    except (StoreError, ValueError, OSError, KeyError) as exc:
+        raise RecipeError(f"teacher.store: {path}: {exc}") from None
 
 
 def seeded_model(spec: ModelSpec, where: str, seed: int, data: Any = None) -> nn.Module:

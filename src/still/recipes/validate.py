@@ -71,7 +71,7 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", batch_size: int = 4)
         need_t = parts.objective.teacher_views()
         if recipe.teacher is not None:
             if recipe.teacher.store is not None:
-                teacher = build_store_teacher(recipe.teacher.store)
+                teacher = build_store_teacher(recipe, train)
             else:
                 t_model = build_model(recipe.teacher.model, "teacher.model", train)
                 t_views = {k: v for k, v in parts.teacher_views.items() if k in need_t} or {"logits": ""}
@@ -79,6 +79,8 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", batch_size: int = 4)
                 teacher = build_live_teacher(t_model, recipe.teacher, t_views)
         if parts.wrap_teacher is not None:
             teacher = parts.wrap_teacher(teacher, student)
+        if parts.prepare is not None:  # fitted on a few samples here: only shapes matter
+            parts.prepare(teacher, student, torch.utils.data.Subset(train, range(min(len(train), 64))))
         if need_t and teacher is None:
             raise RecipeError(f"teacher: the objective's terms use teacher view(s) {need_t} but the recipe has no teacher")
         if teacher is not None:
