@@ -208,9 +208,13 @@ def forward_with_views(
     """Run `model` on `batch` and return `(output, {view_name: tensor})`."""
     specs = {n: TapSpec.parse(s) for n, s in views.items()}
     hooked = {n: s for n, s in specs.items() if s.path or s.input}
-    with Taps(model, hooked, detach=detach) as taps:
+    if hooked:
+        with Taps(model, hooked, detach=detach) as taps:
+            out = call_model(model, batch, inputs)
+        result = dict(taps.views)
+    else:  # only root views: no hooks to install (the common logit-KD case, on the hot path)
         out = call_model(model, batch, inputs)
-    result = dict(taps.views)
+        result = {}
     for n, s in specs.items():
         if not (s.path or s.input):
             v = select(out, s.keys, str(s))

@@ -75,7 +75,8 @@ class LiveTeacher(Teacher):
     @torch.no_grad()
     def views(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
         self._check_names(names)
-        self.model.eval()
+        if self.model.training:  # someone called .train() on the wrapped model
+            self.model.eval()
         _, v = forward_with_views(
             self.model, batch, {n: self.view_specs[n] for n in names}, inputs=self.inputs, detach=True
         )
