@@ -147,12 +147,18 @@ def test_lelp_null_space_rotation_and_class_sums():
         torch.testing.assert_close(b.T @ b, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
         assert torch.allclose(w.double() @ b, torch.zeros(3, 4, dtype=torch.float64), atol=1e-4)
     z = h @ w.T
-    sub = lelp_logits(h, z, fit)
+    sub = lelp_logits(h, z, fit, centre=False)
     assert sub.shape == (300, 12)
     # Naive: z_{c,s} = z_c + ((h P - mean_c) V_c R_c)_s / scale
     c, s, i = 2, 3, 17
-    ref = z[i, c] + ((h[i].double() @ p - fit["mean"][c].double()) @ fit["basis"][c, :, s].double()) / fit["scale"]
-    assert float(sub[i, c * 4 + s]) == pytest.approx(float(ref), rel=1e-4, abs=1e-4)
+    off = [float(((h[i].double() @ p - fit["mean"][c].double()) @ fit["basis"][c, :, k].double()) / fit["scale"])
+           for k in range(4)]
+    ref = float(z[i, c]) + off[s]
+    assert float(sub[i, c * 4 + s]) == pytest.approx(ref, rel=1e-4, abs=1e-4)
+    # centred (default): z_c + o_s - log Σ_k e^{o_k}, so the subclass softmax sums back to the class softmax
+    cen = lelp_logits(h, z, fit)
+    assert float(cen[i, c * 4 + s]) == pytest.approx(ref - math.log(sum(math.exp(o) for o in off)), rel=1e-4, abs=1e-4)
+    torch.testing.assert_close(cen.softmax(-1).view(300, 3, 4).sum(-1), z.softmax(-1), atol=1e-5, rtol=0)
 
 
 def test_lelp_teacher_and_subclass_student():

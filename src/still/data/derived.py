@@ -21,9 +21,12 @@ IGNORE_LABEL = -100
 
 @register_dataset("class_subset")
 def class_subset(base: str = "fashion_mnist", split: str = "train", classes: Sequence[int] | None = None,
-                 groups: Sequence[Sequence[int]] | None = None, base_params: dict[str, Any] | None = None
-                 ) -> TensorDataset:
-    """A few-class view of `base`: `classes` kept and relabelled, or `groups` of classes merged."""
+                 groups: Sequence[Sequence[int]] | None = None, base_params: dict[str, Any] | None = None,
+                 subset: int | None = None, subset_seed: int = 0) -> TensorDataset:
+    """A few-class view of `base`: `classes` kept and relabelled, or `groups` of classes merged.
+
+    `subset` keeps a seeded random `subset` of the derived samples (after the class selection).
+    """
     ds = DATASETS.build(base, split=split, **dict(base_params or {}))
     if (classes is None) == (groups is None):
         raise ValueError("class_subset: give exactly one of `classes` or `groups`")
@@ -34,15 +37,24 @@ def class_subset(base: str = "fashion_mnist", split: str = "train", classes: Seq
             mapping[c] = new
     y = mapping[ds.y]
     keep = y >= 0
-    return TensorDataset(ds.x[keep], y[keep], len(groups), f"{ds.name}_subset",
-                         {**ds.meta, "groups": [list(map(int, g)) for g in groups]})
+    out = TensorDataset(ds.x[keep], y[keep], len(groups), f"{ds.name}_subset",
+                        {**ds.meta, "groups": [list(map(int, g)) for g in groups]})
+    return out.subset(subset, subset_seed)
 
 
 @register_dataset("semi_supervised")
 def semi_supervised(base: str = "fashion_mnist", split: str = "train", label_fraction: float = 0.1, seed: int = 0,
-                    base_params: dict[str, Any] | None = None) -> TensorDataset:
-    """`base` with only a stratified `label_fraction` of training labels kept (the rest -100)."""
-    ds = DATASETS.build(base, split=split, **dict(base_params or {}))
+                    base_params: dict[str, Any] | None = None, subset: int | None = None, subset_seed: int = 0,
+                    balance: bool = False) -> TensorDataset:
+    """`base` with only a stratified `label_fraction` of training labels kept (the rest -100).
+
+    `subset` first keeps a seeded random `subset` of `base`'s samples (both splits). `balance=True`
+    repeats the labelled samples until they are about as many as the unlabelled ones, so that a
+    shuffled batch nearly always holds labelled samples (with 1 % labels and batches of 64, most
+    batches would have none, and a plain mean CE over an all-ignored batch is NaN); the repeats are
+    marked in `labelled` too.
+    """
+    ds = DATASETS.build(base, split=split, **dict(base_params or {})).subset(subset, subset_seed)
     if split != "train":
         return ds
     if not 0 < label_fraction <= 1:
@@ -52,10 +64,19 @@ def semi_supervised(base: str = "fashion_mnist", split: str = "train", label_fra
     keep = np.zeros(len(y), dtype=bool)
     for c in range(ds.num_classes):
         idx = np.flatnonzero(ds.y.numpy() == c)
+        if len(idx) == 0:
+            continue
         n = max(1, int(round(label_fraction * len(idx))))
         keep[rng.choice(idx, size=n, replace=False)] = True
     y[torch.from_numpy(~keep)] = IGNORE_LABEL
-    out = TensorDataset(ds.x, y, ds.num_classes, f"{ds.name}_semi",
-                        {**ds.meta, "label_fraction": label_fraction, "label_seed": seed})
-    out.labelled = torch.from_numpy(keep)  # type: ignore[attr-defined]
+    x, lab = ds.x, torch.from_numpy(keep)
+    n_lab, n_unl = int(keep.sum()), int((~keep).sum())
+    if balance and 0 < n_lab < n_unl:
+        reps = n_unl // n_lab - 1
+        idx = torch.from_numpy(np.flatnonzero(keep)).repeat(reps)
+        x, y = torch.cat([x, x[idx]]), torch.cat([y, y[idx]])
+        lab = torch.cat([lab, torch.ones(len(idx), dtype=torch.bool)])
+    out = TensorDataset(x, y, ds.num_classes, f"{ds.name}_semi",
+                        {**ds.meta, "label_fraction": label_fraction, "label_seed": seed, "balance": balance})
+    out.labelled = lab  # type: ignore[attr-defined]
     return out

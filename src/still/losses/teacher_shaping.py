@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from still.registry import MODELS, register_model
+from still.registry import MODELS, register_loss, register_model
 from still.teachers.base import Teacher
 from still.taps import resolve_module
 
@@ -51,6 +51,24 @@ class DualHeadNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ce, kd = self.heads(x)
         return dho_mix(ce, kd, self.alpha, self.beta).clamp_min(1e-12).log()
+
+
+def _ex_labelled() -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(4, 3, generator=g, requires_grad=True), torch.tensor([0, -100, 2, -100])), {}
+
+
+@register_loss("ce_labelled", paper=DHO_PAPER, shape_check="none", example=_ex_labelled)
+def ce_labelled(student: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean CE (B, C) vs (B,) over the labelled rows only; 0 (with a gradient path) when a batch has none.
+
+    `ce` (a plain mean with ignore_index) is NaN on an all-unlabelled batch, which 1 %-label
+    semi-supervised batches often are.
+    """
+    t = target.reshape(-1).long()
+    keep = t != ignore_index
+    per = F.cross_entropy(student.reshape(len(t), -1), t.clamp_min(0), reduction="none")
+    return (per * keep).sum() / keep.sum().clamp_min(1)
 
 
 def dho_mix(ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -158,11 +176,21 @@ def fit_lelp(embeddings: torch.Tensor, labels: torch.Tensor, head_weight: torch.
     return {"P": p.float(), "mean": means.float(), "basis": bases.float(), "scale": scale.float()}
 
 
-def lelp_logits(embed: torch.Tensor, logits: torch.Tensor, fit: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Pseudo-subclass logits (B, C·S): z_{c,s} = z_c + ((h P - mean_c) V_c R_c)_s / scale."""
+def lelp_logits(embed: torch.Tensor, logits: torch.Tensor, fit: Mapping[str, torch.Tensor],
+                centre: bool = True) -> torch.Tensor:
+    """Pseudo-subclass logits (B, C·S): z_{c,s} = z_c + log_softmax_s(o_c)_s, o_c = (h P - mean_c) V_c R_c / scale.
+
+    With `centre=True` (default) the subclass probabilities of class c sum exactly to the teacher's
+    class probability (Σ_s e^{z_{c,s}} = e^{z_c}: "the subclasses sum back to the class", the
+    catalog's stated intent). `centre=False` is the plain z_c + o_{c,s}, whose class sums add
+    logsumexp_s(o_c), a sample-dependent bias that can override the teacher's decision: measured on
+    a binary digits problem, it took the subclass teacher from 78 % to chance.
+    """
     hp = embed.float() @ fit["P"].to(embed.device)
     off = torch.einsum("bcd,cds->bcs", hp.unsqueeze(1) - fit["mean"].to(embed.device),
                        fit["basis"].to(embed.device)) / fit["scale"].to(embed.device)
+    if centre:
+        off = off.log_softmax(-1)
     return (logits.float().unsqueeze(-1) + off).flatten(1)
 
 

@@ -59,7 +59,7 @@ def dho(temperature: float = 2.0, labels: str = "y") -> MethodSpec:
     """
     return MethodSpec(
         terms=[
-            {"name": "ce", "loss": "ce", "student": "ce_logits", "target": labels, "weight": 0.5},
+            {"name": "ce", "loss": "ce_labelled", "student": "ce_logits", "target": labels, "weight": 0.5},
             {"name": "kd", "loss": "kd", "params": {"temperature": temperature},
              "student": "kd_logits", "teacher": "logits", "weight": 0.5},
         ],
@@ -70,19 +70,29 @@ def dho(temperature: float = 2.0, labels: str = "y") -> MethodSpec:
 
 @register_method("lelp", paper=LELP_PAPER)
 def lelp(subclasses: int = 5, beta: float = 1.0, embed: str = "embed", head: str = "classifier",
-         seed: int = 0) -> MethodSpec:
+         seed: int = 0, fit_data: dict[str, Any] | None = None) -> MethodSpec:
     """Soft cross-entropy on S·C pseudo-subclass targets from the teacher's null-space PCA; α = 0 (no CE).
 
-    Use the `subclass_student` model (its `base` output is the S·C subclass logits).
+    Use the `subclass_student` model (its `base` output is the S·C subclass logits). The
+    pseudo-subclasses are fitted on the training data by the `prepare` hook; where the caller does
+    not run `prepare`, `fit_data` (a dataset spec `{name, params}`, normally the recipe's `data` with
+    `split: train`) lets `wrap_teacher` fit them itself.
     """
 
     def wrap(teacher: Any, student: Any = None, **_: Any) -> LELPTeacher:
-        if embed not in teacher.view_specs:
+        if "embed" not in teacher.view_specs or "logits" not in teacher.view_specs:
             from still.teachers.base import LiveTeacher
 
-            specs = {**{k: str(v) for k, v in teacher.view_specs.items()}, "embed": embed}
+            specs = {k: str(v) for k, v in teacher.view_specs.items() if k != "subclass_logits"}
+            specs = {"logits": "", **specs, "embed": embed}
             teacher = LiveTeacher(teacher.model, specs, inputs=getattr(teacher, "inputs", None))
-        return LELPTeacher(teacher, subclasses=subclasses, embed_view="embed", head=head, seed=seed)
+        out = LELPTeacher(teacher, subclasses=subclasses, embed_view="embed", head=head, seed=seed)
+        if fit_data is not None:
+            from still.registry import DATASETS
+
+            params = {"split": "train", **dict(fit_data.get("params") or {})}
+            out.fit(DATASETS.build(fit_data["name"], **params))
+        return out
 
     def prepare(teacher: Any, student: Any = None, train_data: Any = None, **_: Any) -> None:
         if isinstance(teacher, LELPTeacher) and teacher.fitted is None:
@@ -94,7 +104,9 @@ def lelp(subclasses: int = 5, beta: float = 1.0, embed: str = "embed", head: str
         terms=[{"name": "lelp", "loss": "kd", "params": {"temperature": beta},
                 "student": "subclass_logits", "teacher": "subclass_logits"}],
         student_views={"subclass_logits": "base"},
-        teacher_views={"logits": ""},
+        # a placeholder tap: the pipeline builds a live teacher for the views the terms read, then
+        # `wrap_teacher` replaces it by the LELPTeacher that really serves `subclass_logits`
+        teacher_views={"logits": "", "subclass_logits": ""},
         wrap_teacher=wrap,
         prepare=prepare,
     )
