@@ -103,9 +103,11 @@ def main() -> None:
     out = ROOT / "runs" / "llm_distill" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     S = setup(a.quick, out)
+    S["train_all"] = S["train"]
     steps = a.steps or (40 if a.quick else 100)
     bs = 8
     train, val = _split_val(S["train"], 2 if a.quick else 3)
+    S["train"] = train
     test, collate, kd_rows = S["test"], S["collate"], S["kd_rows"]
     teacher: CausalLMTeacher = S["teacher"]
     t_params = num_parameters(S["tmodel"])
@@ -144,98 +146,119 @@ def main() -> None:
         return r
 
     seeds = list(range(a.seeds))
-    for s in seeds:
-        run("scratch", s, None, kd_weight=0.0, ce_weight=1.0)
-        run("fkl", s, store, divergence="forward_kl")
-    run("rkl", 0, store, divergence="reverse_kl")
-    run("jsd", 0, store, divergence="jsd", beta=0.5)
-    run("gkd", 0, teacher, store, divergence="jsd", beta=0.5, on_policy=0.5)
-    run("scrg", 0, teacher, store, divergence="forward_kl", scrg=True, on_policy=0.5, span_weight=1.0)
-    run("uniform", 0, store, kd_weight=0.2, ce_weight=1.0)
-    run("ddk", 0, store, kd_weight=0.2, ce_weight=1.0, ddk=True, ddk_every=max(5, steps // 6))
-    run("live", 0, teacher, divergence="forward_kl")
-    s_params = num_parameters(runs["scratch/0"]["model"])
+    plan = []
+    for sd in seeds:
+        plan += [("scratch", sd, None, None, dict(kd_weight=0.0, ce_weight=1.0)),
+                 ("fkl", sd, store, None, dict(divergence="forward_kl"))]
+    plan += [("live", 0, teacher, None, dict(divergence="forward_kl")),
+             ("uniform", 0, store, None, dict(kd_weight=0.2, ce_weight=1.0)),
+             ("ddk", 0, store, None, dict(kd_weight=0.2, ce_weight=1.0, ddk=True, ddk_every=max(5, steps // 6))),
+             ("rkl", 0, store, None, dict(divergence="reverse_kl")),
+             ("jsd", 0, store, None, dict(divergence="jsd", beta=0.5)),
+             ("gkd", 0, teacher, store, dict(divergence="jsd", beta=0.5, on_policy=0.5)),
+             ("scrg", 0, teacher, store, dict(divergence="forward_kl", scrg=True, on_policy=0.5, span_weight=1.0))]
+    for k, (name, sd, t_obj, off, kw) in enumerate(plan):
+        run(name, sd, t_obj, off, **kw)
+        pending = [f"{n}/{x}" for n, x, *_ in plan[k + 1:]]
+        render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, out, t_start, pending)
 
-    # ---- tables --------------------------------------------------------------------------------------
+
+def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, out, t_start, pending) -> None:
+    """Tables from the runs finished so far (missing ones shown as "…"), written to BENCHMARKS.md + report."""
+    def ppl(k: str, d: str) -> str:
+        return f"{runs[k]['ppl'][d]:.2f}" if k in runs else "…"
+
+    def col(k: str, f: str) -> str:
+        return (f"{runs[k][f]:.3f}" if isinstance(runs[k][f], float) else str(runs[k][f])) if k in runs else "…"
+
+    s_params = num_parameters(runs["scratch/0"]["model"])
     doms = S["domains"] + ["all"]
     rows = []
     for d in doms:
-        sc = [runs[f"scratch/{s}"]["ppl"][d] for s in seeds]
-        di = [runs[f"fkl/{s}"]["ppl"][d] for s in seeds]
-        rows.append([d, f"{tp[d]:.2f}", fmt_mean_std(sc, 2), fmt_mean_std(di, 2),
-                     "yes" if mean_std(di)[0] < mean_std(sc)[0] else "no"])
-    t1 = markdown_table(["domain", "teacher", f"scratch ({len(seeds)} seeds)", f"distilled FKL ({len(seeds)} seeds)",
+        sc = [runs[f"scratch/{x}"]["ppl"][d] for x in seeds if f"scratch/{x}" in runs]
+        di = [runs[f"fkl/{x}"]["ppl"][d] for x in seeds if f"fkl/{x}" in runs]
+        rows.append([d, f"{tp[d]:.2f}", fmt_mean_std(sc, 2) if sc else "…", fmt_mean_std(di, 2) if di else "…",
+                     ("yes" if mean_std(di)[0] < mean_std(sc)[0] else "no") if sc and di else "…"])
+    n_sc = sum(f"scratch/{x}" in runs for x in seeds)
+    n_di = sum(f"fkl/{x}" in runs for x in seeds)
+    t1 = markdown_table(["domain", "teacher", f"scratch ({n_sc} seeds)", f"distilled FKL ({n_di} seeds)",
                          "distilled < scratch"], rows)
     meth = [("forward KL (store)", "fkl/0"), ("reverse KL (store)", "rkl/0"), ("JSD(0.5) (store)", "jsd/0"),
             ("GKD λ=0.5, JSD(0.5) (live on generations, store off-policy)", "gkd/0"),
             ("SCRG + span, λ=0.5 (live on generations, store off-policy)", "scrg/0")]
     t2 = markdown_table(["method", *doms, "s/step", "on-policy steps", "SCRG corrections"],
-                        [[m, *[f"{runs[k]['ppl'][d]:.2f}" for d in doms], f"{runs[k]['median_step_s']:.3f}",
-                          runs[k]["on_policy_steps"], runs[k]["scrg_corrected"]] for m, k in meth])
-    worst = {k: max(runs[k]["ppl"][d] for d in S["domains"]) for k in ("uniform/0", "ddk/0")}
+                        [[m, *[ppl(k, d) for d in doms], col(k, "median_step_s"), col(k, "on_policy_steps"),
+                          col(k, "scrg_corrected")] for m, k in meth])
+    worst = {k: max(runs[k]["ppl"][d] for d in S["domains"]) for k in ("uniform/0", "ddk/0") if k in runs}
     wdom = {k: max(S["domains"], key=lambda d: runs[k]["ppl"][d]) for k in worst}
+    nd = len(S["domains"])
     t3 = markdown_table(["sampler", *doms, "worst domain", "final domain weights"],
-                        [[n, *[f"{runs[k]['ppl'][d]:.2f}" for d in doms], f"{wdom[k]} {worst[k]:.2f}",
-                          ", ".join(f"{x:.2f}" for x in (runs[k]["ddk_weights"] or [[1 / len(S['domains'])] * len(S['domains'])])[-1])]
+                        [[n, *[ppl(k, d) for d in doms], f"{wdom[k]} {worst[k]:.2f}" if k in worst else "…",
+                          ", ".join(f"{x:.2f}" for x in (runs[k]["ddk_weights"] or [[1 / nd] * nd])[-1]) if k in runs else "…"]
                          for n, k in (("uniform", "uniform/0"), ("DDK", "ddk/0"))])
     t4 = markdown_table(["teacher signal", "median s/step", "ppl (all)", "one-off cost"],
-                        [["live teacher (fused sub-vocab head)", f"{runs['live/0']['median_step_s']:.3f}",
-                          f"{runs['live/0']['ppl']['all']:.2f}", "-"],
-                         [f"top-{S['k']} store (disk)", f"{runs['fkl/0']['median_step_s']:.3f}",
-                          f"{runs['fkl/0']['ppl']['all']:.2f}", f"record {record_s:.0f} s once" + (" (cached by an earlier run)" if cached else "")],
-                         ["no teacher (scratch)", f"{runs['scratch/0']['median_step_s']:.3f}",
-                          f"{runs['scratch/0']['ppl']['all']:.2f}", "-"]])
-    # throughput and generations
-    speed = {"teacher": tp["tokens_per_s"], "student": runs["fkl/0"]["ppl"]["tokens_per_s"]}
-    prompts = torch.stack([test[int(test.domain_indices(d)[0])]["input_ids"][: base["prompt_len"]] for d in S["domains"]])
-    gens = {}
-    if S["sub"] is not None:
-        gens["teacher"] = sample_generations(S["tmodel"], prompts, S["tok"].decode, 20, rows=S["sub"].ids)
-        sp = S["sub"].encode(prompts)
-    else:
-        gens["teacher"] = sample_generations(S["tmodel"], prompts, S["decode"], 20, allowed_rows=S["allowed"])
-        sp = prompts
-    for k in ("scratch/0", "fkl/0", "gkd/0", "scrg/0"):
-        gens[k] = sample_generations(runs[k]["model"], sp, S["decode"], 20, allowed_rows=S["allowed"])
+                        [["live teacher (fused sub-vocab head)", col("live/0", "median_step_s"), ppl("live/0", "all"), "-"],
+                         [f"top-{S['k']} store (disk)", col("fkl/0", "median_step_s"), ppl("fkl/0", "all"),
+                          f"record {record_s:.0f} s once" + (" (cached by an earlier run)" if cached else "")],
+                         ["no teacher (scratch)", col("scratch/0", "median_step_s"), ppl("scratch/0", "all"), "-"]])
+    speed = {"teacher": tp["tokens_per_s"], "student": runs["scratch/0"]["ppl"]["tokens_per_s"]}
+    gens: dict[str, list] = {}
+    if not pending:
+        prompts = torch.stack([S["test"][int(S["test"].domain_indices(d)[0])]["input_ids"][: base["prompt_len"]]
+                               for d in S["domains"]])
+        if S["sub"] is not None:
+            gens["teacher"] = sample_generations(S["tmodel"], prompts, S["tok"].decode, 20, rows=S["sub"].ids)
+            sp = S["sub"].encode(prompts)
+        else:
+            gens["teacher"] = sample_generations(S["tmodel"], prompts, S["decode"], 20, allowed_rows=S["allowed"])
+            sp = prompts
+        for k in ("scratch/0", "fkl/0", "gkd/0", "scrg/0"):
+            gens[k] = sample_generations(runs[k]["model"], sp, S["decode"], 20, allowed_rows=S["allowed"])
     info = S["teacher_info"]
     tokens = steps * bs * S["block"]
     head = (f"Teacher: {info['name']}, {t_params / 1e6:.2f}M parameters; student: Llama "
             f"{S['scfg']['num_hidden_layers']}×{S['scfg']['hidden_size']}, {s_params / 1e6:.2f}M parameters "
             f"(ratio {s_params / t_params:.3f}); budget {steps} steps × {bs} × {S['block']} tokens = {tokens:,} tokens "
-            f"per student; domains {', '.join(S['domains'])}; {len(train)} training blocks, {len(test)} held-out.")
+            f"per student; domains {', '.join(S['domains'])}; {len(S['train'])} training blocks, {len(S['test'])} held-out.")
     if S["sub"] is not None:
         head += (f" Sub-vocabulary: {info['sub_vocab']:,} ids of {len(S['tok']):,} (the training corpus's tokens); "
                  f"teacher mass outside it {100 * info['dropped_mass']:.1f}% (measured on held-out blocks); "
                  f"perplexities are over the sub-vocabulary (in-vocab targets).")
-    md = "\n\n".join([
-        head,
-        "**Distilled vs scratch** (held-out perplexity, mean ± std over seeds; forward KL + 0.5 CE from the top-k store):\n\n" + t1,
-        "**Divergences and on-policy methods** (seed 0, same steps and data):\n\n" + t2,
-        "**DDK vs uniform domain sampling** (CE + 0.2·KL, seed 0):\n\n" + t3,
-        "**Store vs live teacher** (forward KL + 0.5 CE, seed 0):\n\n" + t4,
-        f"Throughput (held-out forward): teacher {speed['teacher']:.0f} tok/s, student {speed['student']:.0f} tok/s. "
-        f"Total wall time {time.perf_counter() - t_start:.0f} s. Generations: `{out.relative_to(ROOT)}/samples.md` "
-        "(runs/ is not committed; a sample is below).",
-        "Sample (greedy, 20 tokens): " + "; ".join(
-            f"**{k}**: “{gens[k][0]['prompt']}” → “{gens[k][0]['continuation']}”" for k in ("teacher", "scratch/0", "fkl/0")),
-    ])
+    if pending:
+        head += f" **Partial**: runs still pending when this was written: {', '.join(pending)} (shown as …)."
+    parts = [head,
+             "**Distilled vs scratch** (held-out perplexity, mean ± std over seeds; forward KL + 0.5 CE from the top-k store):\n\n" + t1,
+             "**Divergences and on-policy methods** (seed 0, same steps and data):\n\n" + t2,
+             "**DDK vs uniform domain sampling** (CE + 0.2·KL, seed 0):\n\n" + t3,
+             "**Store vs live teacher** (forward KL + 0.5 CE, seed 0):\n\n" + t4,
+             f"Throughput (held-out forward): teacher {speed['teacher']:.0f} tok/s, student {speed['student']:.0f} tok/s. "
+             f"Wall time so far {time.perf_counter() - t_start:.0f} s (shared 2-core machine). Generations: "
+             f"`{out.relative_to(ROOT)}/samples.md` (runs/ is not committed)."]
+    if gens:
+        parts.append("Sample (greedy, 20 tokens): " + "; ".join(
+            f"**{k}**: “{gens[k][0]['prompt']}” → “{gens[k][0]['continuation']}”" for k in ("teacher", "scratch/0", "fkl/0")))
     if not a.quick:
-        md += ("\n\nSettings: LLM_TRAIN_CHARS=%s per domain, LLM_TEST_BLOCKS=%s per domain, student dim %s × %s layers "
-               "(environment of this run)." % (os.environ.get("LLM_TRAIN_CHARS", 40000), os.environ.get("LLM_TEST_BLOCKS", 12),
-                                                 S["scfg"]["hidden_size"], S["scfg"]["num_hidden_layers"]))
+        parts.append("Settings: LLM_TRAIN_CHARS=%s per domain, LLM_TEST_BLOCKS=%s per domain, student dim %s × %s layers."
+                     % (os.environ.get("LLM_TRAIN_CHARS", 40000), os.environ.get("LLM_TEST_BLOCKS", 12),
+                        S["scfg"]["hidden_size"], S["scfg"]["num_hidden_layers"]))
+    md = "\n\n".join(parts)
     report = {"teacher": info, "teacher_ppl": tp, "params": {"teacher": t_params, "student": s_params},
-              "steps": steps, "tokens_per_student": tokens, "record_s": record_s, "speed": speed,
+              "steps": steps, "tokens_per_student": tokens, "record_s": record_s, "speed": speed, "pending": pending,
               "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("model", "losses", "step_times")}
                        for k, v in runs.items()}, "generations": gens}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
-    (out / "samples.md").write_text("\n".join(
-        f"## {k}\n\n" + "\n".join(f"- “{g['prompt']}” → “{g['continuation']}”" for g in v) + "\n" for k, v in gens.items()))
+    if gens:
+        (out / "samples.md").write_text("\n".join(
+            f"## {k}\n\n" + "\n".join(f"- “{g['prompt']}” → “{g['continuation']}”" for g in v) + "\n"
+            for k, v in gens.items()))
     if not a.no_write:
         write_section("LLM distillation" + (" (quick)" if a.quick else ""), md)
+    if pending:
+        return
     print(md, file=sys.stderr)
     emit_json({"quick": a.quick, "params_ratio": s_params / t_params, "teacher_ppl": tp["all"],
-               "scratch_ppl": mean_std([runs[f"scratch/{s}"]["ppl"]["all"] for s in seeds])[0],
-               "distilled_ppl": mean_std([runs[f"fkl/{s}"]["ppl"]["all"] for s in seeds])[0],
+               "scratch_ppl": mean_std([runs[f"scratch/{x}"]["ppl"]["all"] for x in seeds])[0],
+               "distilled_ppl": mean_std([runs[f"fkl/{x}"]["ppl"]["all"] for x in seeds])[0],
                "distilled_beats_scratch_all_domains": all(r[-1] == "yes" for r in rows),
                **{f"{k.split('/')[0]}_ppl": runs[k]["ppl"]["all"] for k in ("rkl/0", "jsd/0", "gkd/0", "scrg/0")},
                "uniform_worst": worst["uniform/0"], "ddk_worst": worst["ddk/0"],
