@@ -252,7 +252,9 @@ def main() -> None:
     ap.add_argument("--ht", type=int, default=1024)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default 2; --quick: 1, because its chunks are tiny and on a shared 2-core "
+                         "box OpenMP barriers between many small ops dominate, which says nothing about the engine)")
     ap.add_argument("--max-naive-gb", type=float, default=8.0)
     ap.add_argument("--chunk-size", type=int, default=None, help="still's tokens per chunk (default: the engine's)")
     ap.add_argument("--contenders", nargs="+", default=["naive", "trl", "liger", "still"])
@@ -265,6 +267,8 @@ def main() -> None:
         args.chunk_size = args.chunk_size or 64
     global CHUNK
     CHUNK = args.chunk_size
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
