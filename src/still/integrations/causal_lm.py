@@ -35,8 +35,11 @@ GEMMA_NOTICE = (
 )
 
 
-class VocabMismatchError(ValueError):
-    """Teacher and student do not share a tokenizer (or a vocabulary mapping is missing)."""
+try:  # one exception type for every vocabulary refusal in still (issue 3's alignment module)
+    from still.losses.vocab import VocabMismatchError
+except ImportError:  # pragma: no cover
+    class VocabMismatchError(ValueError):  # type: ignore[no-redef]
+        """Teacher and student do not share a tokenizer (or a vocabulary mapping is missing)."""
 
 
 # ---------------------------------------------------------------------------------------------------

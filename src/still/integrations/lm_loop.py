@@ -69,7 +69,7 @@ def lm_perplexity(head_fn: Callable[[Mapping[str, torch.Tensor]], LMHeadOutputs]
     names = getattr(data, "domains", None) or ["all"]
     res = {names[d] if d < len(names) else str(d): math.exp(nll[d] / max(cnt[d], 1)) for d in sorted(nll)}
     res["all"] = math.exp(sum(nll.values()) / max(sum(cnt.values()), 1))
-    res["tokens_per_s"] = (total_tok + len(data) * 0) / max(secs, 1e-9)
+    res["tokens_per_s"] = total_tok / max(secs, 1e-9)
     res["in_vocab"] = scored / max(total_tok, 1)
     return res
 
