@@ -49,8 +49,13 @@ def test_open_store_for_recipe_refuses_other_data(cached: Path) -> None:
 
     store_teacher = [f"teacher={{store: {cached}, views: {{logits: ''}}}}"]
     recipe = load_recipe(RECIPE, store_teacher)
-    t = open_store_for_recipe(recipe, build_dataset(recipe.data, "train"))
+    train = build_dataset(recipe.data, "train")
+    t = open_store_for_recipe(recipe, train)
     assert t.available_views() == ["logits"]
+    b = torch.utils.data.default_collate([train[i] for i in (3, 9)])
+    dense = t.views(b, ["logits"])["logits"]  # top-4 served dense by default, so `kd` works on it
+    assert isinstance(dense, torch.Tensor) and dense.shape == (2, 10)
+    assert type(open_store_for_recipe(recipe, train, topk="sparse").views(b, ["logits"])["logits"]).__name__ == "TopKLogits"
     other = load_recipe(RECIPE, store_teacher + ["data.params={subset: 500}"])
     with pytest.raises(StoreMismatchError, match="preprocessing params.subset: store has \"<absent>\", now 500"):
         open_store_for_recipe(other)

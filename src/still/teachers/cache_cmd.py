@@ -124,10 +124,15 @@ def verify_store(path: str | Path) -> VerifyReport:
 
 def open_store_for_recipe(recipe: Any, train_data: Any = None, **kw: Any) -> StoreTeacher:
     """The store teacher of a recipe with `teacher: {store: PATH}`, refused (StoreMismatchError) if it was
-    recorded from other data (fingerprint of `train_data`) or another data/preprocessing section."""
+    recorded from other data (fingerprint of `train_data`) or another data/preprocessing section.
+
+    Top-k views are served as dense log-probabilities by default (`topk="dense"`, missing mass spread
+    uniformly), so every dense loss (kd, ...) works on them; pass `topk="sparse"` for losses that take
+    `TopKLogits` (sparse_topk_kl, lm_kd) and never need the (..., V) tensor."""
     rec = _load(recipe)
     if rec.teacher is None or rec.teacher.store is None:
         raise StoreError("the recipe's teacher is not a store (teacher: {store: PATH})")
+    kw.setdefault("topk", "dense")
     teacher = StoreTeacher(rec.teacher.store, **kw)
     fp = train_data.fingerprint() if train_data is not None and hasattr(train_data, "fingerprint") else None
     teacher.check_compatible(data_fp=fp, preprocessing=preprocessing_of(rec))
