@@ -139,7 +139,7 @@ def degla_results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
     from still.methods.base import build_method
     from still.registry import DATASETS, MODELS
 
-    n_tr, n_te = (256, 128) if b.max_steps else (2000, 1000)
+    n_tr, n_te = (256, 128) if b.max_steps else (min(2000, b.train), 1000)
     tr = DATASETS.build("fmnist_captions", split="train", num_samples=n_tr)
     te = DATASETS.build("fmnist_captions", split="test", num_samples=n_te)
     pairs = torch.tensor([[a, 10, c] for a in range(10) for c in range(10) if a != c])
@@ -193,8 +193,11 @@ def _verdict(sm: float, ss: float, km: float, ks: float, mm: float, ms: float) -
     return "does not beat plain KD here"
 
 
-def rows(quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
-    """One dict per method: scratch / kd / method accuracy mean ± std over `seeds`, the claim, a verdict."""
+def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: bool = True) -> list[dict[str, Any]]:
+    """One dict per method: scratch / kd / method accuracy mean ± std over `seeds`, the claim, a verdict.
+
+    `budget` overrides the default (full) or QUICK budget; `degla=False` leaves the DeGLA rows out.
+    """
     from still.bench import mean_std
     from still.losses.teacher_shaping import dho_select_mix
     from still.methods.base import build_method
@@ -202,7 +205,7 @@ def rows(quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster on a shared CPU
-    b = QUICK if quick else Budget()
+    b = budget or (QUICK if quick else Budget())
     bench = ClsBench(b)
     t0 = time.perf_counter()
     res: dict[str, list[float]] = {}
@@ -248,9 +251,10 @@ def rows(quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
         st = _student(seed, "subclass_student", backbone="mlp", num_classes=2, subclasses=5,
                       backbone_params={"hidden": [32]})
         add("lelp", bench.acc(bench.fit(st, spec.objective(), bin_train, seed, lt, spec.student_views), bin_test))
-    res.update(degla_results(b, seeds))
-    teacher_acc["degla"] = res["pretrained"][0]
-    teacher_acc["degla_retrieval"] = res["pretrained_retrieval"][0]
+    if degla:
+        res.update(degla_results(b, seeds))
+        teacher_acc["degla"] = res["pretrained"][0]
+        teacher_acc["degla_retrieval"] = res["pretrained_retrieval"][0]
     torch.set_num_threads(threads)
     out = []
     n = b.train
@@ -263,6 +267,8 @@ def rows(quick: bool, seeds: list[int]) -> list[dict[str, Any]]:
               ("degla_retrieval", "scratch_degla_retrieval", "kd_degla_retrieval",
                "fmnist_captions: 90-way caption retrieval (vs CLIP / NegCLIP)", "degla_retrieval")]
     for m, sk, kk, task, tk in layout:
+        if m not in res:
+            continue
         sm, ss = mean_std(res[sk])
         km, ks = mean_std(res[kk])
         mm, ms = mean_std(res[m])
@@ -303,10 +309,23 @@ if __name__ == "__main__":  # this part alone: `python benchmarks/_seed_cls.py [
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
     from still.bench import emit_json
 
-    quick = "--quick" in sys.argv
-    got = rows(quick, [0] if quick else [0, 1, 2])
+    import argparse
+
+    ap = argparse.ArgumentParser(description="classification seed methods (6B) alone")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--train", type=int, default=None, help="override the training subset size")
+    ap.add_argument("--epochs", type=int, default=None, help="override the student (and teacher) epochs")
+    args = ap.parse_args()
+    quick = args.quick
+    bud = QUICK if quick else Budget()
+    bud.train = args.train or bud.train
+    if args.epochs:
+        bud.epochs = bud.teacher_epochs = args.epochs
+    got = rows(quick, list(range(args.seeds or (1 if quick else 3))), budget=bud)
     for r in got:
         print(json.dumps(r))
-    if "--no-write" not in sys.argv:
-        write_rows(got, "Quick smoke run: not a result. " if quick else "")
+    if not args.no_write:
+        write_rows(got, "Quick smoke run: not a result. " if quick else f"Budget: {bud}. ")
     emit_json({"part": "cls", "rows": got})
