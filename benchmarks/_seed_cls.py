@@ -317,12 +317,14 @@ if __name__ == "__main__":  # this part alone: `python benchmarks/_seed_cls.py [
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--train", type=int, default=None, help="override the training subset size")
     ap.add_argument("--epochs", type=int, default=None, help="override the student (and teacher) epochs")
+    ap.add_argument("--teacher-epochs", type=int, default=None, help="override the teachers' epochs")
     args = ap.parse_args()
     quick = args.quick
     bud = QUICK if quick else Budget()
     bud.train = args.train or bud.train
     if args.epochs:
         bud.epochs = bud.teacher_epochs = args.epochs
+    bud.teacher_epochs = args.teacher_epochs or bud.teacher_epochs
     got = rows(quick, list(range(args.seeds or (1 if quick else 3))), budget=bud)
     for r in got:
         print(json.dumps(r))
