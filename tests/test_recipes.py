@@ -84,11 +84,12 @@ def test_every_recipe_validates_and_runs_briefly(path: Path, tmp_path: Path) -> 
     run = tmp_path / "run"
     assert json.loads((run / "summary.json").read_text())["recipe"] == recipe.name
     assert (run / "recipe.yaml").exists()
-    metric = brief.eval.metrics[0]
-    assert 0.0 <= summary["distilled"]["mean"][metric] <= 1.0
+    if brief.eval.metrics:
+        metric = brief.eval.metrics[0]
+        assert summary["distilled"]["mean"][metric] == summary["distilled"]["mean"][metric]  # not NaN
     assert (run / f"seed{brief.seed}" / "distilled" / "metrics.jsonl").exists()
     if brief.baseline:
-        assert "scratch" in summary and "delta" in summary
+        assert "scratch" in summary and ("delta" in summary or not brief.eval.metrics)
 
 
 def test_core_recipes_exist() -> None:

@@ -85,7 +85,9 @@ def _save_state(model: nn.Module, path: Path) -> None:
 def _measure(model: nn.Module, test: Any, recipe: Recipe, inputs: Any) -> dict[str, Any]:
     from still.metrics import count_parameters, evaluate, latency_per_sample
 
-    out: dict[str, Any] = evaluate(model, test, recipe.eval.metrics, recipe.eval.batch_size, inputs)
+    out: dict[str, Any] = {}
+    if recipe.eval.metrics:
+        out.update(evaluate(model, test, recipe.eval.metrics, recipe.eval.batch_size, inputs))
     out["parameters"] = count_parameters(model)
     if recipe.eval.latency and len(test):
         sample = torch.utils.data.default_collate([test[0]])
@@ -190,7 +192,8 @@ def _train_variant(
         if parts.prepare is not None:
             parts.prepare(teacher, student, train)
     cfg = _config(recipe.train, "train", seed=seed, progress=progress)
-    eval_fn = make_eval_fn(test, recipe.eval.metrics, recipe.eval.batch_size, recipe.student.inputs)
+    eval_fn = (make_eval_fn(test, recipe.eval.metrics, recipe.eval.batch_size, recipe.student.inputs)
+               if recipe.eval.metrics else None)
     resume_here = resume and (out / "checkpoints" / "last").exists()
     log(f"[bold]seed {seed}[/] {variant}: training {recipe.student.model.name or 'student'} "
         f"(terms: {', '.join(t.name for t in parts.objective.terms)}){' resuming' if resume_here else ''}")
