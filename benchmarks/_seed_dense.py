@@ -13,6 +13,7 @@ Used by `benchmarks/seed_methods.py`: `rows(quick, seeds) -> list[dict]`.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,9 +125,12 @@ class DenseBench:
         cfg = TrainConfig(epochs=b.epochs, max_steps=b.max_steps, batch_size=b.batch_size, lr=b.lr, seed=seed,
                           progress=False,
                           eval_every_epochs=None, log_every=10_000)
+        t0 = time.perf_counter()
         train(student, obj, data if data is not None else self.train, cfg, teacher=t, student_views=views)
         self.runs += 1
-        return self.miou(student.eval())
+        v = self.miou(student.eval())
+        print(f"[dense] {method} seed {seed}: mIoU {v:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        return v
 
 
 def _fmt(vals: list[float]) -> tuple[float, float]:
