@@ -148,7 +148,7 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"embeddings_{'quick' if quick else part}.json").write_text(json.dumps(
             {"results": saved, "enc": enc, "seconds": time.perf_counter() - t_start, "complete": tp is not None,
-             "cfg": asdict(cfg)}))
+             "cfg": asdict(cfg), "argv": " ".join(["python", "benchmarks/embeddings.py", *sys.argv[1:]])}))
 
     record("all-MiniLM-L6-v2 (teacher)", suite.evaluate(minilm.encode), count_parameters(minilm.model),
            lambda t: sti.st_encode(minilm.model, t, cfg.batch_size), "minilm")
@@ -234,7 +234,12 @@ def merge_and_report(cfg: Config, parts: list[str], enc: dict, quick: bool) -> N
                 keep = ("n_train_mpnet", "mpnet_epochs") if p == "mpnet" else tuple(
                     k for k in d["cfg"] if k not in ("n_train_mpnet", "mpnet_epochs"))
                 cfg = Config(**{**asdict(cfg), **{k: d["cfg"][k] for k in keep}})
-    report(cfg, merged, enc, quick, secs)
+    cmds = []
+    for p in parts:
+        f = out_dir / f"embeddings_{p}.json"
+        if f.exists():
+            cmds.append(json.loads(f.read_text()).get("argv") or f"python benchmarks/embeddings.py --part {p}")
+    report(cfg, merged, enc, quick, secs, cmds)
 
 
 def _ms(runs, key, digits=3):
@@ -245,7 +250,7 @@ def _ms(runs, key, digits=3):
     return (f"{m:.{digits}f} ± {s:.{digits}f}" if len(vals) > 1 else f"{m:.{digits}f}"), m
 
 
-def report(cfg, results, enc, quick, total_s) -> None:
+def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None) -> None:
     base = "all-MiniLM-L6-v2 (teacher)"
     r1_base = _ms(results[base]["runs"], "r1")[1]
     rows, figs = [], {"quick": quick, "seconds": round(total_s, 1), "teacher_encode_s": enc}
@@ -312,10 +317,15 @@ def report(cfg, results, enc, quick, total_s) -> None:
              f"Static: {cfg.static_epochs} epochs, lr {cfg.static_lr}, batch 128; transformers: {cfg.tf_epochs} epoch, "
              f"({cfg.mpnet_epochs} for the MPNet / multi-teacher runs), AdamW lr {cfg.tf_lr}, batch {cfg.batch_size}. The "
              f"MPNet teacher and the MPNet 6-layer students skip the fortunes probe (CPU time). Mean ± std over the seeds counted in the last column "
-             f"seed(s) (seed = shuffle order and heads; the inits are deterministic). Total {total_s / 60:.1f} min; "
-             f"teacher encoding (cached afterwards) {', '.join(f'{k} {v:.0f} s' for k, v in enc.items())}.")
+             f"(seed = shuffle order and heads; the inits are deterministic). '× MiniLM' is relative to MiniLM timed "
+             f"in the same process (the MiniLM-teacher rows and the MPNet rows come from two processes run side by "
+             f"side on a CPU shared with other jobs, so absolute sent/s differ between them). Longest part "
+             f"{total_s / 60:.1f} min; teacher embeddings come from the on-disk cache "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in enc.items())} to read/encode in this run).")
     md = "\n".join([("**Quick smoke run (tiny subsets, 1 seed): not the benchmark's figures.**\n" if quick else ""),
                      table, "", "Goals (issue 5):", *goals, "", setup])
+    if commands:
+        md += "\n\nFigures made by: " + "; ".join(f"`{c}`" for c in commands) + " (then merged into this section)."
     write_section("Sentence embeddings", md)
     emit_json({k: v for k, v in figs.items()})
 
