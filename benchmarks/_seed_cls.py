@@ -185,7 +185,7 @@ def _student(seed: int, name: str = "small_cnn", **kw: Any) -> torch.nn.Module:
 
 def _verdict(sm: float, ss: float, km: float, ks: float, mm: float, ms: float) -> str:
     if mm > km + ks + ms:
-        return "beats plain KD"
+        return "beats plain KD, but below scratch" if mm < sm - ss - ms else "beats plain KD"
     if mm > sm + ss + ms:
         return "beats scratch, not plain KD"
     if mm >= km - ks - ms:
