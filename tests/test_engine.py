@@ -31,11 +31,8 @@ _spec.loader.exec_module(digits_kd)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (the shared fixture is in conftest.py)."""
 
 
 def _env() -> dict[str, str]:

@@ -20,12 +20,8 @@ from still.teachers.base import LiveTeacher
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The engine runs tiny models: one thread avoids oversubscription on a shared CPU (10x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (the shared fixture is in conftest.py)."""
 
 
 def _cfg(steps: int, bs: int = 32, lr: float = 3e-3) -> TrainConfig:

@@ -20,12 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with require
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests are small: one thread is faster on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """One torch thread for every test here (the shared fixture is in conftest.py)."""
 
 
 def _naive_kl_t2(zs: torch.Tensor, zt: torch.Tensor, t: float) -> torch.Tensor:
