@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from still.registry import register_loss, register_schedule
+from still.schedules import Linear
 
 TRANSKD_PAPER = "Liu et al. TransKD: Transformer Knowledge Distillation for Efficient Semantic Segmentation (T-ITS 2024)"
 CHIMERA_PAPER = "Chen et al. Chimera-Seg: selective global distillation for zero-shot segmentation (arXiv 2506.22032)"
@@ -150,15 +151,11 @@ class TransKDCSF(nn.Module):
 
 # ------------------------------------------------------------------------- Chimera-Seg SGD
 @register_schedule("shrinking_topk")
-class ShrinkingTopK:
+class ShrinkingTopK(Linear):
     """Fraction of dense features kept by Chimera-Seg's SGD: linear from `start` to `end` over the run."""
 
     def __init__(self, start: float = 0.5, end: float = 0.1) -> None:
-        self.start, self.end = start, end
-
-    def __call__(self, step: int, total_steps: int) -> float:
-        f = min(max(step / max(total_steps, 1), 0.0), 1.0)
-        return self.start + (self.end - self.start) * f
+        super().__init__(start, end)
 
 
 @register_loss("selective_global", paper=CHIMERA_PAPER, shape_check="batch", example=lambda: (

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from still.registry import register_loss, register_schedule
+from still.schedules import Cosine
 
 TRG_PAPER = "Zhang, Liu, He. Knowledge Distillation via Token-level Relationship Graph (arXiv 2306.12442, 2023)"
 LLAVA_KD_PAPER = "Cai et al. LLaVA-KD: A Framework of Distilling Multimodal Large Language Models (ICCV 2025)"
@@ -86,15 +87,11 @@ def trg_inner(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @register_schedule("dynamic_temperature")
-class DynamicTemperature:
+class DynamicTemperature(Cosine):
     """Cosine decay of a temperature from `start` to `end` over the run (TRG's coarse-to-fine τ_g; [R] form)."""
 
     def __init__(self, start: float = 0.5, end: float = 0.05) -> None:
-        self.start, self.end = start, end
-
-    def __call__(self, step: int, total_steps: int) -> float:
-        f = min(max(step / max(total_steps, 1), 0.0), 1.0)
-        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * f))
+        super().__init__(start, end)
 
 
 @register_loss("trg_global", paper=TRG_PAPER, shape_check="batch", example=_ex_tokens)
