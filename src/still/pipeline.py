@@ -105,7 +105,9 @@ class _Log:
         if self.console is not None:
             self.console.print(msg)
         else:
-            print(msg, flush=True)
+            from rich.text import Text
+
+            print(Text.from_markup(msg).plain, flush=True)
 
 
 def prepare_teacher(
