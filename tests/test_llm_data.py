@@ -47,3 +47,14 @@ def test_blocks_shapes_targets_and_domains():
         LMBlocks.from_texts(["ab"], tok, block_size=64)
     reg = DATASETS.build("lm_text", split="test", domains=["pydoc"], block_size=16, max_chars=500)
     assert reg[0]["input_ids"].shape == (16,)
+
+
+def test_blocks_start_with_bos_and_join_documents_as_text():
+    tok = ByteTokenizer()
+    ds = LMBlocks.from_texts(["abc", "de", "fghij"], tok, block_size=4)
+    # stream "abc\n\nde\n\nfghij\n\n" (16 bytes) in 5 blocks of 3 after one BOS each
+    assert ds.blocks[:, 0].tolist() == [tok.bos_token_id] * 5
+    assert tok.decode(ds.blocks[:, 1:].flatten()) == "abc\n\nde\n\nfghij\n"
+    assert not (ds.blocks[:, 1:] >= 256).any()  # no BOS/EOS inside the stream
+    old = LMBlocks.from_texts(["abc", "de"], tok, block_size=4, separator=None)
+    assert old.blocks.flatten().tolist() == [256, 97, 98, 99, 257, 256, 100, 101]

@@ -181,11 +181,23 @@ class ByteTokenizer:
         return v
 
 
-def tokenize_docs(docs: Sequence[str], tokenizer: Any, eos: bool = True) -> torch.Tensor:
-    """One long 1-D int64 stream: each document tokenised (with BOS if the tokenizer adds it), then EOS."""
+def tokenize_docs(docs: Sequence[str], tokenizer: Any, eos: bool = True, separator: str | None = None) -> torch.Tensor:
+    """One long 1-D int64 stream of `docs`.
+
+    `separator=None` (the old layout): each document tokenised with the tokenizer's specials (BOS), then EOS.
+    `separator="\n\n"`: documents tokenised without specials and joined by the separator's tokens, as
+    plain text (no BOS/EOS inside the stream; `LMBlocks.from_texts` puts one BOS at each block start).
+    """
+    if separator is not None:
+        enc = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+        sep = list(tokenizer(separator, add_special_tokens=False)["input_ids"])
+        flat: list[int] = []
+        for i, ids in enumerate(enc):
+            flat += (sep if i else []) + list(ids)
+        return torch.tensor(flat + sep, dtype=torch.long)
     enc = tokenizer(list(docs), add_special_tokens=True)["input_ids"]
     eos_id = getattr(tokenizer, "eos_token_id", None)
-    flat: list[int] = []
+    flat = []
     for ids in enc:
         flat += list(ids)
         if eos and eos_id is not None:
@@ -209,14 +221,23 @@ class LMBlocks(Dataset):
 
     @classmethod
     def from_texts(cls, docs: Sequence[str], tokenizer: Any, block_size: int = 128, domain: str = "text",
-                   max_blocks: int | None = None) -> LMBlocks:
-        stream = tokenize_docs(docs, tokenizer)
-        n = len(stream) // block_size
+                   max_blocks: int | None = None, separator: str | None = "\n\n") -> LMBlocks:
+        """Blocks of `block_size` tokens. Default layout: documents joined by `separator` as plain text, and
+        every block starts with BOS followed by `block_size - 1` stream tokens. Models trained with BOS at
+        position 0 degrade badly without it (Gemma-3-270M on KJV: perplexity 150 on blocks cut mid-stream
+        with BOS/EOS per verse, 38 with this layout). `separator=None`: the old per-document BOS…EOS stream
+        cut into blocks (no BOS at block starts)."""
+        stream = tokenize_docs(docs, tokenizer, separator=separator)
+        bos = getattr(tokenizer, "bos_token_id", None) if separator is not None else None
+        step = block_size - (bos is not None)
+        n = len(stream) // step
         if max_blocks is not None:
             n = min(n, max_blocks)
         if n == 0:
             raise ValueError(f"domain {domain!r}: {len(stream)} tokens, fewer than one block of {block_size}")
-        blocks = stream[: n * block_size].view(n, block_size)
+        blocks = stream[: n * step].view(n, step)
+        if bos is not None:
+            blocks = torch.cat([torch.full((n, 1), int(bos), dtype=torch.long), blocks], 1)
         return cls(blocks, torch.zeros(n, dtype=torch.long), [domain], name=domain)
 
     @classmethod
@@ -261,9 +282,10 @@ class LMBlocks(Dataset):
 
 
 def domain_blocks(domains: Sequence[str], tokenizer: Any, split: str = "train", block_size: int = 128,
-                  max_chars: int | None = 200_000, max_blocks: int | None = None) -> LMBlocks:
-    """`LMBlocks` of several domains (ids in the order given)."""
-    parts = [LMBlocks.from_texts(domain_texts(d, split, max_chars), tokenizer, block_size, d, max_blocks)
+                  max_chars: int | None = 200_000, max_blocks: int | None = None,
+                  separator: str | None = "\n\n") -> LMBlocks:
+    """`LMBlocks` of several domains (ids in the order given); layout as in `LMBlocks.from_texts`."""
+    parts = [LMBlocks.from_texts(domain_texts(d, split, max_chars), tokenizer, block_size, d, max_blocks, separator)
              for d in domains]
     return LMBlocks.concat(parts)
 
