@@ -3,6 +3,11 @@
     python benchmarks/llm_distill.py --quick     # < 60 s: byte-level teacher trained here (no model files)
     python benchmarks/llm_distill.py             # Gemma-3-270M teacher (still[llm-gemma]), KJV/fortunes/
                                                  # WordNet/pydoc, sub-vocabulary head, top-k cache on disk
+    python benchmarks/llm_distill.py --record-only   # only record the teacher's top-k cache (reused by content)
+
+Budget knobs: --steps (students), --live-steps (live-teacher row, and a store row at the same budget),
+--onpolicy-steps (GKD / SCRG rows); env LLM_TRAIN_CHARS, LLM_TEST_BLOCKS, LLM_STUDENT_DIM/LAYERS, LLM_THREADS.
+Rows trained on a reduced budget say so in their "steps" column.
 
 Every student has ≤ 1/10 of the teacher's parameters and the same token budget (steps × batch × block).
 Perplexities are on held-out blocks of each domain over the distillation support (the sub-vocabulary,
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -73,14 +79,14 @@ def setup(quick: bool, out: Path) -> dict:
     load_s = time.perf_counter() - t0
     block = 64
     train_full = domain_blocks(domains, tok, "train", block, int(os.environ.get("LLM_TRAIN_CHARS", 40_000)))
-    test_full = domain_blocks(domains, tok, "test", block, 6_000, max_blocks=int(os.environ.get("LLM_TEST_BLOCKS", 12)))
+    test_full = domain_blocks(domains, tok, "test", block, 12_000, max_blocks=int(os.environ.get("LLM_TEST_BLOCKS", 20)))
     sub = SubVocab.from_corpus(train_full.blocks, len(tok), always=[tok.bos_token_id, tok.eos_token_id, tok.pad_token_id],
                                unk_full=tok.unk_token_id if tok.unk_token_id is not None else 0)
     t1 = time.perf_counter()
     sub.measure_dropped_mass(tmodel, test_full.blocks[::3][:4])
     teacher = CausalLMTeacher(tmodel, rows=sub.ids, topk=32, tokenizer=tok)
     K = len(sub.ids)
-    dim, layers = int(os.environ.get("LLM_STUDENT_DIM", 256)), int(os.environ.get("LLM_STUDENT_LAYERS", 4))
+    dim, layers = int(os.environ.get("LLM_STUDENT_DIM", 192)), int(os.environ.get("LLM_STUDENT_LAYERS", 4))
     scfg = dict(model_type="llama", vocab_size=K + 1, hidden_size=dim, intermediate_size=3 * dim, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
     info = {"name": "Gemma-3-270M (GGUF Q4_K_M dequantised to fp32)", "load_s": load_s, "licence": GEMMA_NOTICE,
@@ -91,20 +97,47 @@ def setup(quick: bool, out: Path) -> dict:
                 decode=lambda ids: tok.decode(sub.decode(ids)), k=32, teacher_info=info, allowed=K, block=block)
 
 
+def unigram_ppl(train: LMBlocks, test: LMBlocks, encode, rows: int) -> dict[str, float]:
+    """Held-out perplexity of the training targets' unigram distribution (add-one smoothed) over the first
+    `rows` ids (student ids: `encode` maps the blocks' ids), in-vocabulary targets only, per domain: the
+    level of a student that learnt nothing but token frequencies."""
+    enc = encode or (lambda x: x)
+    tr = enc(train.blocks)[:, 1:].flatten()
+    tr = tr[tr < rows]
+    lp = torch.log((torch.bincount(tr, minlength=rows)[:rows].double() + 1) / (len(tr) + rows))
+    res, tot, cnt = {}, 0.0, 0
+    te_all = enc(test.blocks)[:, 1:]
+    for d in test.domains:
+        te = te_all[test.domain_indices(d)].flatten()
+        te = te[te < rows]
+        res[d] = math.exp(float(-lp[te].mean()))
+        tot, cnt = tot - float(lp[te].sum()), cnt + len(te)
+    res["all"] = math.exp(tot / max(cnt, 1))
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--live-steps", type=int, default=None, help="steps of the live-teacher row (default: --steps)")
+    ap.add_argument("--onpolicy-steps", type=int, default=None, help="steps of the GKD / SCRG rows (default: --steps)")
+    ap.add_argument("--record-only", action="store_true", help="record the teacher's top-k cache, then stop")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    ap.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
+                    help="the BENCHMARKS.md to write (runs/ goes beside it)")
     a = ap.parse_args()
-    torch.set_num_threads(int(os.environ.get("LLM_THREADS", 2)))
+    torch.set_num_threads(int(os.environ.get("LLM_THREADS", 1)))
     t_start = time.perf_counter()
-    out = ROOT / "runs" / "llm_distill" / time.strftime("%Y%m%d-%H%M%S")
+    a.root = a.benchmarks_md.resolve().parent
+    out = a.root / "runs" / "llm_distill" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     S = setup(a.quick, out)
     S["train_all"] = S["train"]
-    steps = a.steps or (40 if a.quick else 100)
+    steps = a.steps or (40 if a.quick else 200)
+    a.live_steps = a.live_steps or steps
+    a.onpolicy_steps = a.onpolicy_steps or steps
     bs = 8
     train, val = _split_val(S["train"], 2 if a.quick else 3)
     S["train"] = train
@@ -126,8 +159,11 @@ def main() -> None:
         record_topk(teacher, train, cache, k=S["k"], collate=collate, batch_size=8)
     record_s = time.perf_counter() - t0 if not cached else json.loads((cache / "manifest.json").read_text())["seconds"]
     store = TopKCacheTeacher(cache, teacher.fingerprint(), train.fingerprint())
-    print(f"[{time.perf_counter() - t_start:6.0f}s] teacher ppl {tp['all']:.2f}; top-k recorded in {record_s:.1f} s",
-          file=sys.stderr, flush=True)
+    print(f"[{time.perf_counter() - t_start:6.0f}s] teacher ppl {tp['all']:.2f} ({', '.join(f'{d} {tp[d]:.1f}' for d in S['domains'])}); "
+          f"top-k of {len(train)} blocks recorded in {record_s:.1f} s{' (cached)' if cached else ''}", file=sys.stderr, flush=True)
+    if a.record_only:
+        return
+    S["unigram"] = unigram_ppl(train, test, S["to_s"], kd_rows)
 
     vp = lm_perplexity(teacher_head_fn(teacher), val, collate, kd_rows)
     val_tppl = [vp[d] for d in val.domains]
@@ -136,10 +172,15 @@ def main() -> None:
     def run(name: str, seed: int, teacher_obj, offline=None, **kw) -> dict:
         st = student_from_config(S["scfg"], seed=seed)
         cfg = LMDistillConfig(**{**base, "seed": seed, **kw})
+        cfg.warmup_steps = max(2, cfg.steps // 20)
         r = train_lm(st, train, cfg, teacher=teacher_obj, collate=collate, to_teacher_ids=S["to_t"],
                      to_student_ids=S["to_s"], ddk_eval=val, ddk_teacher_ppl=val_tppl, span_fn=span_fn, offline_teacher=offline)
         r["ppl"] = lm_perplexity(student_head_fn(st), test, collate, kd_rows)
         r["model"] = st
+        r["steps"] = cfg.steps
+        st_t = r["step_times"]
+        r["mean_step_s"] = sum(st_t) / max(len(st_t), 1)
+        r["train_s"] = sum(st_t)
         runs[f"{name}/{seed}"] = r
         print(f"[{time.perf_counter() - t_start:6.0f}s] {name} seed {seed}: ppl {r['ppl']['all']:.2f} "
               f"step {r['median_step_s']:.3f}s", file=sys.stderr, flush=True)
@@ -150,13 +191,19 @@ def main() -> None:
     for sd in seeds:
         plan += [("scratch", sd, None, None, dict(kd_weight=0.0, ce_weight=1.0)),
                  ("fkl", sd, store, None, dict(divergence="forward_kl"))]
-    plan += [("live", 0, teacher, None, dict(divergence="forward_kl")),
+    ls, ops = a.live_steps, a.onpolicy_steps
+    plan += [("rkl", 0, store, None, dict(divergence="reverse_kl")),
+             ("jsd", 0, store, None, dict(divergence="jsd", beta=0.5)),
              ("uniform", 0, store, None, dict(kd_weight=0.2, ce_weight=1.0)),
              ("ddk", 0, store, None, dict(kd_weight=0.2, ce_weight=1.0, ddk=True, ddk_every=max(5, steps // 6))),
-             ("rkl", 0, store, None, dict(divergence="reverse_kl")),
-             ("jsd", 0, store, None, dict(divergence="jsd", beta=0.5)),
-             ("gkd", 0, teacher, store, dict(divergence="jsd", beta=0.5, on_policy=0.5)),
-             ("scrg", 0, teacher, store, dict(divergence="forward_kl", scrg=True, on_policy=0.5, span_weight=1.0))]
+             ("gkd", 0, teacher, store, dict(divergence="jsd", beta=0.5, on_policy=0.5, steps=ops)),
+             ("scrg", 0, teacher, store, dict(divergence="forward_kl", scrg=True, on_policy=0.5, span_weight=1.0,
+                                              steps=ops))]
+    if ops != steps:  # the off-policy reference at the on-policy rows' budget
+        plan.append(("fkl_op", 0, store, None, dict(divergence="forward_kl", steps=ops)))
+    plan.append(("live", 0, teacher, None, dict(divergence="forward_kl", steps=ls)))
+    if ls != steps and ls != ops:
+        plan.append(("fkl_live", 0, store, None, dict(divergence="forward_kl", steps=ls)))
     for k, (name, sd, t_obj, off, kw) in enumerate(plan):
         run(name, sd, t_obj, off, **kw)
         pending = [f"{n}/{x}" for n, x, *_ in plan[k + 1:]]
@@ -171,24 +218,32 @@ def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, o
     def col(k: str, f: str) -> str:
         return (f"{runs[k][f]:.3f}" if isinstance(runs[k][f], float) else str(runs[k][f])) if k in runs else "…"
 
+    ls, ops = a.live_steps, a.onpolicy_steps
+    uni = S.get("unigram", {})
+
     s_params = num_parameters(runs["scratch/0"]["model"])
     doms = S["domains"] + ["all"]
     rows = []
     for d in doms:
         sc = [runs[f"scratch/{x}"]["ppl"][d] for x in seeds if f"scratch/{x}" in runs]
         di = [runs[f"fkl/{x}"]["ppl"][d] for x in seeds if f"fkl/{x}" in runs]
-        rows.append([d, f"{tp[d]:.2f}", fmt_mean_std(sc, 2) if sc else "…", fmt_mean_std(di, 2) if di else "…",
+        rows.append([d, f"{tp[d]:.2f}", f"{uni[d]:.1f}" if d in uni else "-",
+                     fmt_mean_std(sc, 2) if sc else "…", fmt_mean_std(di, 2) if di else "…",
                      ("yes" if mean_std(di)[0] < mean_std(sc)[0] else "no") if sc and di else "…"])
     n_sc = sum(f"scratch/{x}" in runs for x in seeds)
     n_di = sum(f"fkl/{x}" in runs for x in seeds)
-    t1 = markdown_table(["domain", "teacher", f"scratch ({n_sc} seeds)", f"distilled FKL ({n_di} seeds)",
+    t1 = markdown_table(["domain", "teacher", "unigram", f"scratch ({n_sc} seeds)", f"distilled FKL ({n_di} seeds)",
                          "distilled < scratch"], rows)
-    meth = [("forward KL (store)", "fkl/0"), ("reverse KL (store)", "rkl/0"), ("JSD(0.5) (store)", "jsd/0"),
-            ("GKD λ=0.5, JSD(0.5) (live on generations, store off-policy)", "gkd/0"),
-            ("SCRG + span, λ=0.5 (live on generations, store off-policy)", "scrg/0")]
-    t2 = markdown_table(["method", *doms, "s/step", "on-policy steps", "SCRG corrections"],
-                        [[m, *[ppl(k, d) for d in doms], col(k, "median_step_s"), col(k, "on_policy_steps"),
-                          col(k, "scrg_corrected")] for m, k in meth])
+    meth = [("forward KL (store)", "fkl/0", steps), ("reverse KL (store)", "rkl/0", steps),
+            ("JSD(0.5) (store)", "jsd/0", steps)]
+    if ops != steps:
+        meth.append(("forward KL (store), on-policy rows' budget", "fkl_op/0", ops))
+    meth += [("GKD λ=0.5, JSD(0.5) (live on generations, store off-policy)", "gkd/0", ops),
+             ("SCRG + span, λ=0.5 (live on generations, store off-policy)", "scrg/0", ops)]
+    t2 = markdown_table(["method", "steps", *doms, "median s/step", "mean s/step", "on-policy steps", "SCRG corrections"],
+                        [[m, str(n) + (" (reduced)" if n != steps else ""), *[ppl(k, d) for d in doms],
+                          col(k, "median_step_s"), col(k, "mean_step_s"), col(k, "on_policy_steps"),
+                          col(k, "scrg_corrected")] for m, k, n in meth])
     worst = {k: max(runs[k]["ppl"][d] for d in S["domains"]) for k in ("uniform/0", "ddk/0") if k in runs}
     wdom = {k: max(S["domains"], key=lambda d: runs[k]["ppl"][d]) for k in worst}
     nd = len(S["domains"])
@@ -196,11 +251,15 @@ def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, o
                         [[n, *[ppl(k, d) for d in doms], f"{wdom[k]} {worst[k]:.2f}" if k in worst else "…",
                           ", ".join(f"{x:.2f}" for x in (runs[k]["ddk_weights"] or [[1 / nd] * nd])[-1]) if k in runs else "…"]
                          for n, k in (("uniform", "uniform/0"), ("DDK", "ddk/0"))])
-    t4 = markdown_table(["teacher signal", "median s/step", "ppl (all)", "one-off cost"],
-                        [["live teacher (fused sub-vocab head)", col("live/0", "median_step_s"), ppl("live/0", "all"), "-"],
-                         [f"top-{S['k']} store (disk)", col("fkl/0", "median_step_s"), ppl("fkl/0", "all"),
-                          f"record {record_s:.0f} s once" + (" (cached by an earlier run)" if cached else "")],
-                         ["no teacher (scratch)", col("scratch/0", "median_step_s"), ppl("scratch/0", "all"), "-"]])
+    k_ls = "fkl/0" if ls == steps else ("fkl_op/0" if ls == ops else "fkl_live/0")
+    rec = f"record {record_s:.0f} s once" + (" (cached by an earlier run)" if cached else "")
+    t4_rows = [["live teacher (fused sub-vocab head)", str(ls), col("live/0", "median_step_s"), ppl("live/0", "all"), "-"],
+               [f"top-{S['k']} store (disk)", str(ls), col(k_ls, "median_step_s"), ppl(k_ls, "all"), rec]]
+    if ls != steps:
+        t4_rows.append([f"top-{S['k']} store (disk), full budget", str(steps), col("fkl/0", "median_step_s"),
+                        ppl("fkl/0", "all"), rec])
+    t4_rows.append(["no teacher (scratch)", str(steps), col("scratch/0", "median_step_s"), ppl("scratch/0", "all"), "-"])
+    t4 = markdown_table(["teacher signal", "steps", "median s/step", "ppl (all)", "one-off cost"], t4_rows)
     speed = {"teacher": tp["tokens_per_s"], "student": runs["scratch/0"]["ppl"]["tokens_per_s"]}
     gens: dict[str, list] = {}
     if not pending:
@@ -219,7 +278,14 @@ def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, o
     head = (f"Teacher: {info['name']}, {t_params / 1e6:.2f}M parameters; student: Llama "
             f"{S['scfg']['num_hidden_layers']}×{S['scfg']['hidden_size']}, {s_params / 1e6:.2f}M parameters "
             f"(ratio {s_params / t_params:.3f}); budget {steps} steps × {bs} × {S['block']} tokens = {tokens:,} tokens "
-            f"per student; domains {', '.join(S['domains'])}; {len(S['train'])} training blocks, {len(S['test'])} held-out.")
+            f"per student ({steps * bs / len(S['train']):.1f} epochs of the training blocks); domains "
+            f"{', '.join(S['domains'])}; {len(S['train'])} training blocks (each BOS + {S['block'] - 1} tokens of "
+            f"documents joined by blank lines), {len(S['test'])} held-out blocks.")
+    if ls != steps or ops != steps:
+        head += (f" Reduced budgets (the live teacher costs a full Gemma forward per step on 1 CPU thread): live-teacher "
+                 f"row {ls} steps, GKD/SCRG rows {ops} steps, each beside a store run at the same budget.")
+    head += (" \"unigram\": the training targets' frequencies (add-one), the level of a student that learnt nothing else."
+             " s/step: median (and mean) over the steps of one run, 1 thread, on a CPU shared with other jobs.")
     if S["sub"] is not None:
         head += (f" Sub-vocabulary: {info['sub_vocab']:,} ids of {len(S['tok']):,} (the training corpus's tokens); "
                  f"teacher mass outside it {100 * info['dropped_mass']:.1f}% (measured on held-out blocks); "
@@ -233,13 +299,13 @@ def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, o
              "**Store vs live teacher** (forward KL + 0.5 CE, seed 0):\n\n" + t4,
              f"Throughput (held-out forward): teacher {speed['teacher']:.0f} tok/s, student {speed['student']:.0f} tok/s. "
              f"Wall time so far {time.perf_counter() - t_start:.0f} s (shared 2-core machine). Generations: "
-             f"`{out.relative_to(ROOT)}/samples.md` (runs/ is not committed)."]
+             f"`{out.relative_to(a.root)}/samples.md` (runs/ is not committed)."]
     if gens:
         parts.append("Sample (greedy, 20 tokens): " + "; ".join(
             f"**{k}**: “{gens[k][0]['prompt']}” → “{gens[k][0]['continuation']}”" for k in ("teacher", "scratch/0", "fkl/0")))
     if not a.quick:
         parts.append("Settings: LLM_TRAIN_CHARS=%s per domain, LLM_TEST_BLOCKS=%s per domain, student dim %s × %s layers."
-                     % (os.environ.get("LLM_TRAIN_CHARS", 40000), os.environ.get("LLM_TEST_BLOCKS", 12),
+                     % (os.environ.get("LLM_TRAIN_CHARS", 40000), os.environ.get("LLM_TEST_BLOCKS", 20),
                         S["scfg"]["hidden_size"], S["scfg"]["num_hidden_layers"]))
     md = "\n\n".join(parts)
     report = {"teacher": info, "teacher_ppl": tp, "params": {"teacher": t_params, "student": s_params},
@@ -252,7 +318,14 @@ def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, o
             f"## {k}\n\n" + "\n".join(f"- “{g['prompt']}” → “{g['continuation']}”" for g in v) + "\n"
             for k, v in gens.items()))
     if not a.no_write:
-        write_section("LLM distillation" + (" (quick)" if a.quick else ""), md)
+        env = " ".join(f"{k}={os.environ[k]}" for k in ("LLM_TRAIN_CHARS", "LLM_TEST_BLOCKS", "LLM_STUDENT_DIM",
+                                                         "LLM_STUDENT_LAYERS", "LLM_THREADS") if k in os.environ)
+        args = [x for x in sys.argv[1:]]
+        if "--benchmarks-md" in args:
+            i = args.index("--benchmarks-md")
+            del args[i : i + 2]
+        cmd = " ".join([env, "python benchmarks/llm_distill.py", *args]).strip()
+        write_section("LLM distillation" + (" (quick)" if a.quick else ""), md, command=cmd, path=a.benchmarks_md)
     if pending:
         return
     print(md, file=sys.stderr)
