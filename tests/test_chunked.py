@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from still.losses import divergences as D
-from still.losses.chunked import LMDistillLoss, chunked_distill_loss, default_chunk_size, densify_topk
+from still.losses.chunked import chunked_distill_loss, default_chunk_size, densify_topk
+from still.losses.llm_span import LMDistillLoss
 from still.objective import Objective, Term
 from still.registry import LOSSES
 from test_divergences import REFS, masked_mean, ref_sinkhorn_total, ref_sparse
@@ -309,3 +310,32 @@ def test_kd_mask_ce_only_and_densified_topk_teacher():
     torch.testing.assert_close(jsd_topk, D.jsd(zs, t_dense, labels=labels), rtol=RTOL, atol=ATOL)
     with pytest.raises(ValueError, match="drop"):
         chunked_distill_loss(hs, ws, teacher_topk=(top.indices, top.values), topk_missing="drop")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kd_vocab_ce_over_extra_rows_and_tempered_topk(fused):
+    """KD on the first K logits, CE on all V (a sub-vocab student's UNK row); a densified top-k teacher is
+    tempered like teacher logits; value and gradient vs the dense path written out."""
+    (hs, ws, bs), (ht, wt, bt), labels = _setup(15)
+    K, T = V - 4, 2.0
+    zs, zt = _logits(hs, ws, bs), _logits(ht, wt[:K], bt[:K])
+    loss = chunked_distill_loss(hs, ws, ht, wt[:K], student_bias=bs, teacher_bias=bt[:K], labels=labels, kd_vocab=K,
+                                divergence="jsd", divergence_params={"beta": 0.3}, temperature=T, ce_weight=0.4,
+                                chunk_size=8, use_fused=fused)
+    want = D.jsd(zs[:, :K], zt, labels=labels, beta=0.3, temperature=T) + 0.4 * F.cross_entropy(zs, labels)
+    torch.testing.assert_close(loss, want, rtol=RTOL, atol=ATOL)
+    for a, b in zip(_grads(loss, (hs, ws, bs)), _grads(want, (hs, ws, bs))):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    top = torch.log_softmax(_logits(ht, wt, bt), -1).topk(9, -1)  # over V ids; KD over the first K
+    topk = {"indices": top.indices, "values": top.values, "vocab_size": V}
+    loss = chunked_distill_loss(hs, ws, student_bias=bs, teacher_topk=topk, labels=labels, kd_vocab=K,
+                                divergence="reverse_kl", temperature=T, chunk_size=8, use_fused=fused)
+    t_dense = densify_topk(top.indices, top.values, V, "uniform")[:, :K]
+    want = D.reverse_kl(_logits(hs, ws, bs)[:, :K], t_dense, labels=labels, temperature=T)
+    torch.testing.assert_close(loss, want, rtol=RTOL, atol=ATOL)
+    for a, b in zip(_grads(loss, (hs, ws, bs)), _grads(want, (hs, ws, bs))):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="kd_vocab"):
+        chunked_distill_loss(hs, ws, ht, wt, kd_vocab=V + 1)
+    with pytest.raises(ValueError, match="smaller than kd_vocab"):
+        chunked_distill_loss(hs, ws, teacher_topk={**topk, "vocab_size": K - 1}, kd_vocab=K, divergence="jsd")

@@ -8,8 +8,9 @@
         *,
         student_bias=None, teacher_bias=None,   # (V,) optional
         teacher_logits=None,       # or cached teacher logits (N, V)
-        teacher_topk=None,         # or a top-k teacher: (ids (N, k) int64, log-probs (N, k)), log-probs used as given
-                                   #   (no teacher is allowed only for a CE-only call, kd_weight=0)
+        teacher_topk=None,         # or a top-k teacher: (ids (N, k) int64, log-probs (N, k)) (+ .vocab_size); sparse_topk_kl
+                                   #   uses the log-probs as given; a dense divergence densifies them (topk_missing)
+                                   #   and treats them as teacher logits (1/T applies). No teacher: CE-only (kd_weight=0)
         labels=None,               # (N,) int64, ignore_index marks tokens that do not count; also the CE target
         mask=None,                 # (N,) bool, True = token counts (combined with labels)
         ignore_index=-100,
@@ -24,6 +25,7 @@
         use_fused=True,            # closed-form chunk gradients where the divergence has them (KL, RKL, JSD);
                                    #   False: autograd of the row function (the reference; same value)
         student_softcap=None, teacher_softcap=None,  # Gemma-style final logit soft-capping: cap·tanh(z/cap)
+        kd_vocab=None,             # KD over the first kd_vocab logits only (teacher: kd_vocab rows); CE over all V
         return_parts=False,        # also return {"kd": ..., "ce": ...} (detached, each already normalised)
     ) -> Tensor (fp32 scalar)
 
@@ -41,6 +43,10 @@ under autocast) are cast for the GEMMs and get their gradient in their own dtype
 the value (normalisation by the global count), except for the batch-wise `sinkhorn`, whose OT batch is
 the group of `group_size` valid tokens (dense: the same `group_size` gives the same value).
 
+`divergence` may also be a `Divergence` with `overlap=1` (a pairwise row function, e.g. `span_kd`): each chunk
+then also computes the next chunk's first row, as context with weight 0. `still.losses.llm_span.lm_kd` and
+`span_kd` are thin wrappers of this function: it is still's one chunked loop.
+
 `chunked_kd` (registered loss, `LMDistillLoss`) wraps this for an Objective: the student view is either an
 object with `.hidden (B, T, Hs)` and `.weight (V, Hs)` (+ `.bias`, `.softcap`; e.g.
 `still.integrations.causal_lm.LMHeadOutputs`) or plain hidden states with the heads bound once by `.bind(...)`;
@@ -57,8 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from still.losses.divergences import DACKL, NEG_FLOOR, get_divergence, valid_mask
-from still.registry import register_loss
+from still.losses.divergences import NEG_FLOOR, Divergence, get_divergence, valid_mask
 
 CHUNK_BYTES = 32 * 2**20
 
@@ -96,6 +101,9 @@ class _Plan:
     fused: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     s_cap: float | None = None
     t_cap: float | None = None
+    kd_vocab: int = 0  # KD over the first kd_vocab logits (CE over all V)
+    topk_vocab: int = 0  # a dense divergence from top-k: densified over this many ids, then cut to kd_vocab
+    overlap: int = 0  # rows of the next chunk a pairwise row function also sees (weight 0 in this chunk)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -111,20 +119,24 @@ def _count(x: int | float | torch.Tensor) -> float:
     return max(float(x.item() if isinstance(x, torch.Tensor) else x), 1.0)
 
 
-def _topk_pair(teacher_topk: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_pair(teacher_topk: Any) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """(ids, log-probs, vocab_size or None) of a dict / `TopKLogits`-like object / pair."""
     if isinstance(teacher_topk, dict):
-        return teacher_topk["indices"], teacher_topk["values"]
+        return teacher_topk["indices"], teacher_topk["values"], teacher_topk.get("vocab_size")
     if hasattr(teacher_topk, "indices") and hasattr(teacher_topk, "logprobs"):
-        return teacher_topk.indices, teacher_topk.logprobs
+        return teacher_topk.indices, teacher_topk.logprobs, getattr(teacher_topk, "vocab_size", None)
     ids, vals = teacher_topk
-    return ids, vals
+    return ids, vals, None
 
 
 def densify_topk(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, missing: str = "uniform") -> torch.Tensor:
     """Prepared teacher log-probs `(m, V)` from top-k `(m, k)`: the missing mass spread evenly over the other
     ids ("uniform") or the top-k renormalised ("renormalise"; other ids at the -inf floor)."""
+    missing = "renormalise" if missing == "renormalize" else missing
     lp = logprobs.float().clamp_min(NEG_FLOOR)
     m, k = ids.shape
+    if missing not in ("uniform", "renormalise"):
+        raise ValueError(f"densify_topk: missing must be 'uniform' or 'renormalise', got {missing!r}")
     if missing == "renormalise" or k >= vocab:
         out = torch.full((m, vocab), NEG_FLOOR, dtype=torch.float32, device=lp.device)
         return out.scatter_(1, ids.long(), lp - torch.logsumexp(lp, -1, keepdim=True))
@@ -135,7 +147,10 @@ def densify_topk(ids: torch.Tensor, logprobs: torch.Tensor, vocab: int, missing:
 def _fused_chunk(plan: _Plan, s: torch.Tensor, t: torch.Tensor, lab: torch.Tensor | None,
                  w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d loss / d s for one chunk of prepared logits `s (m, V)` from the divergence's closed form (+ CE)."""
-    rows, g = plan.fused(s, t)
+    kv = plan.kd_vocab
+    rows, g = plan.fused(s if kv == s.shape[1] else s[:, :kv], t)
+    if kv != s.shape[1]:  # KD on a prefix of the vocabulary: the other logits get only the CE gradient
+        g = torch.cat([g, g.new_zeros(g.shape[0], s.shape[1] - kv)], 1)
     if w is not None:
         rows = rows * w
         g.mul_(w[:, None])
@@ -171,46 +186,49 @@ class _ChunkedDistill(torch.autograd.Function):
             return x if x is None or dense else x.index_select(0, idx)
 
         hs_v, ht_v, tl_v, ids_v, vals_v, lab_v, kdw_v = map(take, (hs, ht, t_logits, t_ids, t_vals, labels, kd_w))
-        V, dtype, c = ws.shape[0], hs.dtype, plan.chunk
+        V, dtype, c, ov, kv = ws.shape[0], hs.dtype, plan.chunk, plan.overlap, plan.kd_vocab
         # mixed precision (e.g. bf16 hidden states under autocast, fp32 heads): GEMMs in the hidden states' dtype
         ws_c = ws if ws.dtype == dtype else ws.to(dtype)
         bs_c = bs if bs is None or bs.dtype == dtype else bs.to(dtype)
         if ht is not None:
             wt = wt if wt.dtype == ht.dtype else wt.to(ht.dtype)
             bt = bt if bt is None or bt.dtype == ht.dtype else bt.to(ht.dtype)
-        g_hs = torch.empty_like(hs_v) if need_h else None
+        g_hs = (torch.zeros_like(hs_v) if ov else torch.empty_like(hs_v)) if need_h else None
         g_w = torch.zeros(V, ws.shape[1], dtype=torch.float32, device=ws.device) if need_w else None
         g_tmp = torch.empty(V, ws.shape[1], dtype=dtype, device=ws.device) if need_w and dtype != torch.float32 else None
         g_b = torch.zeros(V, dtype=torch.float32, device=ws.device) if need_b else None
         g_p = [torch.zeros_like(p) for p in params]
-        zs_buf = torch.empty(min(c, n), V, dtype=dtype, device=hs.device)
-        zt_buf = torch.empty(min(c, n), V, dtype=ht.dtype, device=ht.device) if plan.teacher_kind == "hidden" else None
+        zs_buf = torch.empty(min(c + ov, n), V, dtype=dtype, device=hs.device)
+        zt_buf = (torch.empty(min(c + ov, n), kv, dtype=ht.dtype, device=ht.device)
+                  if plan.teacher_kind == "hidden" else None)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hs.device)
         wrt_params = [p for p, k in zip(params, need_p) if k]
         for a in range(0, n, c):
             m = min(c, n - a)
-            h = hs_v[a:a + m]
-            zs = torch.mm(h, ws_c.t(), out=zs_buf[:m])
+            e = min(n, a + m + ov)  # rows a..e-1 go through the head; a+m..e-1 only as the next rows' context
+            h = hs_v[a:e]
+            zs = torch.mm(h, ws_c.t(), out=zs_buf[:e - a])
             if bs_c is not None:
                 zs.add_(bs_c)
             if plan.teacher_kind == "hidden":
-                zt = torch.mm(ht_v[a:a + m], wt.t(), out=zt_buf[:m])
+                zt = torch.mm(ht_v[a:e], wt.t(), out=zt_buf[:e - a])
                 if bt is not None:
                     zt.add_(bt)
                 if plan.t_cap:
                     zt.div_(plan.t_cap).tanh_().mul_(plan.t_cap)
                 t: Any = _prep_(zt, plan.temperature)
             elif plan.teacher_kind == "logits":
-                t = _prep_(tl_v[a:a + m].detach().clone() if tl_v.dtype == torch.float32 else tl_v[a:a + m].detach(),
-                           plan.temperature)
+                tl = tl_v[a:e, :kv].detach()
+                t = _prep_(tl.clone() if tl.dtype == torch.float32 else tl, plan.temperature)
             elif plan.teacher_kind == "topk":
-                t = (ids_v[a:a + m], vals_v[a:a + m].detach())
-            elif plan.teacher_kind == "topk_dense":
-                t = densify_topk(ids_v[a:a + m], vals_v[a:a + m].detach(), V, plan.topk_missing)
+                t = (ids_v[a:e], vals_v[a:e].detach())
+            elif plan.teacher_kind == "topk_dense":  # densified log-probs are the teacher's logits (1/T applies)
+                dt = densify_topk(ids_v[a:e], vals_v[a:e].detach(), plan.topk_vocab, plan.topk_missing)
+                t = _prep_(dt if plan.topk_vocab == kv else dt[:, :kv], plan.temperature)
             else:
                 t = None
-            lab = None if lab_v is None else lab_v[a:a + m]
+            lab = None if lab_v is None else lab_v[a:e]
             # Prepare the student chunk in place (softcap, -inf floor, 1/T), then differentiate the row
             # function w.r.t. the prepared logits s; the chain back to the raw logits is applied to g below.
             zf = zs.float() if dtype != torch.float32 else zs
@@ -220,7 +238,9 @@ class _ChunkedDistill(torch.autograd.Function):
             T = plan.temperature
             if T != 1.0:
                 zf.div_(T)
-            w = None if kdw_v is None else kdw_v[a:a + m]
+            w = None if kdw_v is None else kdw_v[a:e]
+            if ov:  # the context rows count in the next chunk, not in this one
+                w = torch.cat([torch.ones(m, device=zf.device) if w is None else w[:m], zf.new_zeros(e - a - m)])
             if grads_on and plan.fused is not None and t is not None:
                 g, kd, ce = _fused_chunk(plan, zf, t, lab, w)  # closed form, no autograd graph
                 got: tuple = (g,)
@@ -228,8 +248,9 @@ class _ChunkedDistill(torch.autograd.Function):
             else:
                 s = zf.detach().requires_grad_(grads_on)
                 with torch.enable_grad() if grads_on else torch.no_grad():
+                    sk = s if kv == V else s[:, :kv]
                     kd = s.new_zeros(()) if t is None else (
-                        plan.rows(s, t, lab).sum() if w is None else (plan.rows(s, t, lab) * w).sum())
+                        plan.rows(sk, t, lab).sum() if w is None else (plan.rows(sk, t, lab) * w).sum())
                     loss = kd * plan.kd_scale
                     ce = s.new_zeros(())
                     if plan.ce_scale:
@@ -247,7 +268,10 @@ class _ChunkedDistill(torch.autograd.Function):
             if plan.s_cap:  # d(cap·tanh(z/cap))/dz = 1 − (c/cap)², c = s·T
                 g.mul_(1.0 - (s.detach() * (T / plan.s_cap)).square_())
             if need_h:
-                torch.mm(g.to(dtype), ws_c, out=g_hs[a:a + m])
+                if ov:
+                    g_hs[a:e].addmm_(g.to(dtype), ws_c)
+                else:
+                    torch.mm(g.to(dtype), ws_c, out=g_hs[a:e])
             if need_w:
                 if g_tmp is None:
                     g_w.addmm_(g.t(), h)
@@ -304,7 +328,7 @@ def chunked_distill_loss(
     labels: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     ignore_index: int = -100,
-    divergence: str | nn.Module = "forward_kl",
+    divergence: str | nn.Module | Divergence = "forward_kl",
     divergence_params: dict[str, Any] | None = None,
     temperature: float = 1.0,
     scale_t2: bool = False,
@@ -318,6 +342,7 @@ def chunked_distill_loss(
     use_fused: bool = True,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
+    kd_vocab: int | None = None,
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Distillation loss from hidden states and lm-heads, chunked over tokens (see the module docstring)."""
@@ -332,29 +357,34 @@ def chunked_distill_loss(
         raise ValueError(f"student_head {tuple(ws.shape)} does not match student_hidden {tuple(student_hidden.shape)}: "
                          f"want (V, {Hs})")
     V = ws.shape[0]
+    kv = V if kd_vocab is None else int(kd_vocab)
+    if not 0 < kv <= V:
+        raise ValueError(f"kd_vocab={kd_vocab} must be in [1, {V}] (the student head's rows)")
     params = dict(divergence_params or {})
     kinds = [k for k, v in (("hidden", teacher_hidden), ("logits", teacher_logits), ("topk", teacher_topk)) if v is not None]
     if len(kinds) > 1 or (not kinds and kd_weight):
         raise ValueError(f"give exactly one teacher: teacher_hidden+teacher_head, teacher_logits or teacher_topk (got "
                          f"{kinds}); only a CE-only call (kd_weight=0) may give none")
     kind = kinds[0] if kinds else "none"
-    ht = t_logits = t_ids = t_vals = None
+    ht = t_logits = t_ids = t_vals = topk_vocab = None
     if kind == "hidden":
         if wt is None:
             raise ValueError("teacher_hidden needs teacher_head (V, Ht)")
         ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-        if ht.shape[0] != N or wt.shape != (V, ht.shape[1]):
+        if ht.shape[0] != N or wt.shape != (kv, ht.shape[1]):
             raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} / teacher_head {tuple(wt.shape)} do not match "
-                             f"{N} student tokens and vocabulary {V} (align padded vocabularies with still.losses.vocab)")
+                             f"{N} student tokens and vocabulary {kv} (align padded vocabularies with still.losses.vocab)")
         ht, wt = ht.detach(), wt.detach()
         bt = None if bt is None else bt.detach()
     elif kind == "logits":
         t_logits = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        if t_logits.shape != (N, V):
-            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match ({N}, {V})")
+        if t_logits.shape[0] != N or t_logits.shape[1] < kv:
+            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} do not match ({N}, {kv})")
     elif kind == "topk":
-        t_ids, t_vals = _topk_pair(teacher_topk)
+        t_ids, t_vals, topk_vocab = _topk_pair(teacher_topk)
         t_ids, t_vals = t_ids.reshape(N, -1), t_vals.reshape(N, -1)
+        if topk_vocab is not None and topk_vocab < kv:
+            raise ValueError(f"the top-k teacher's vocabulary ({topk_vocab}) is smaller than kd_vocab={kv}")
     mod_params: list[torch.Tensor] = []
     group = params.pop("group_size", None)
     if isinstance(divergence, nn.Module):
@@ -365,15 +395,15 @@ def chunked_distill_loss(
         rows: Callable[..., torch.Tensor] = divergence.rows
         fused = None
         mod_params = [p for p in divergence.parameters()]
-        batchwise, sparse = False, False
+        batchwise, sparse, overlap = False, False, 0
     else:
-        div = get_divergence(divergence)
+        div = divergence if isinstance(divergence, Divergence) else get_divergence(divergence)
         unknown = set(params) - set(div.params)
         if unknown:
             raise TypeError(f"divergence {div.name!r}: unknown parameter(s) {sorted(unknown)}; it takes {list(div.params)}")
         rows = functools.partial(div.rows, **params) if params else div.rows
         fused = None if div.fused is None else (functools.partial(div.fused, **params) if params else div.fused)
-        batchwise, sparse = div.batchwise, div.sparse_teacher
+        batchwise, sparse, overlap = div.batchwise, div.sparse_teacher, div.overlap
     if sparse and kind != "topk" and kind != "none":
         raise ValueError(f"divergence {divergence!r} needs teacher_topk (ids, log-probs)")
     topk_missing = "renormalise" if topk_missing == "renormalize" else topk_missing
@@ -386,6 +416,8 @@ def chunked_distill_loss(
         raise ValueError("kd_mask cannot be used with the batch-wise sinkhorn divergence (mask with `mask`)")
     if ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels")
+    if overlap and (ce_weight or batchwise or mask is not None or labels is not None):
+        raise ValueError("a pairwise divergence (overlap > 0) takes neither CE, labels nor mask (weight pairs by kd_mask)")
     lab = None if labels is None else labels.reshape(-1).to(hs.device).long()
     valid = valid_mask((N,), hs.device, None if mask is None else mask.reshape(-1), lab, ignore_index)
     idx = valid.nonzero().squeeze(1)
@@ -402,8 +434,8 @@ def chunked_distill_loss(
     tscale = float(temperature) ** 2 if scale_t2 else 1.0
     plan = _Plan(rows, kind, float(temperature), kd_weight * tscale / kd_count, ce_weight / count, max(chunk, 1),
                  len(mod_params), torch.is_grad_enabled(), topk_missing, fused if use_fused else None,
-                 student_softcap, teacher_softcap)
-    if n == 0:  # nothing counts: an exact zero that still back-propagates (zero gradients)
+                 student_softcap, teacher_softcap, kv, kv if kind != "topk_dense" else int(topk_vocab or kv), overlap)
+    if n == 0 or (kind == "none" and not ce_weight):  # nothing counts: an exact 0 with zero gradients
         zero = sum((x.reshape(-1)[:0].float().sum() for x in (hs, ws, bs, *mod_params) if x is not None),
                    hs.new_zeros((), dtype=torch.float32))  # empty slices: exactly 0, even with -inf biases
         return (zero, {"kd": zero.detach(), "ce": zero.detach()}) if return_parts else zero
@@ -411,101 +443,9 @@ def chunked_distill_loss(
     return (out, plan.parts) if return_parts else out
 
 
-@register_loss("chunked_kd", paper="Hinton et al. (2015); chunked fused-linear form as in Liger-Kernel (Hsu et al., 2024)",
-               example=lambda: _lm_example(), shape_check="none")
-class LMDistillLoss(nn.Module):
-    """LLM token-level KD as an Objective term: `chunked_distill_loss` driven by views.
+def __getattr__(name: str) -> Any:  # `LMDistillLoss` (chunked_kd) lives with the other LM terms now
+    if name == "LMDistillLoss":
+        from still.losses.llm_span import LMDistillLoss
 
-    Student view: an object with `.hidden (B, T, Hs)` and `.weight (V, Hs)` (optional `.bias`, `.softcap`;
-    e.g. `LMHeadOutputs`), or hidden states `(B, T, Hs)` with the head bound by `bind(student_head=...)`.
-    Teacher view: the same (teacher gets no gradient), cached logits `(B, T, V)`, or a top-k teacher
-    (`.indices`/`.logprobs`, `{"indices", "values"}` or `(ids, log-probs)`, each `(B, T, k)`; divergence
-    "sparse_topk_kl"). Bound heads are *not* submodules, so the Objective neither re-optimises nor re-saves
-    them. `divergence` is a name (`forward_kl`, `jsd`, ...) or "dac_kl" (a trainable `DACKL` sub-module built
-    from `divergence_params`). Batch inputs: `labels (B, T)` aligned with the hidden states (shift them
-    before; `ignore_index` marks non-targets), optional `mask (B, T)` and `kd_mask (B, T)` (KD-only positions). `ce_weight` adds the hard-label CE
-    in the same pass. `vocab_rows` compares only the first rows of both heads (padded vocabularies; see
-    `still.losses.vocab.align_vocab`).
-    """
-
-    def __init__(self, divergence: str = "forward_kl", divergence_params: dict[str, Any] | None = None,
-                 temperature: float = 1.0, scale_t2: bool = False, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                 ignore_index: int = -100, chunk_size: int | None = None, vocab_rows: int | None = None,
-                 topk_missing: str = "uniform", student_head: Any = None, teacher_head: Any = None) -> None:
-        super().__init__()
-        self.divergence_params = dict(divergence_params or {})
-        self.dac = DACKL(**self.divergence_params) if divergence == "dac_kl" else None
-        if divergence != "dac_kl":
-            get_divergence(divergence)
-        self.divergence = divergence
-        self.temperature, self.scale_t2 = float(temperature), bool(scale_t2)
-        self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
-        self.ignore_index, self.chunk_size, self.vocab_rows = int(ignore_index), chunk_size, vocab_rows
-        self.topk_missing = topk_missing
-        self._heads: dict[str, Any] = {}
-        self.bind(student_head, teacher_head)
-
-    def bind(self, student_head: Any = None, teacher_head: Any = None) -> "LMDistillLoss":
-        """Attach lm-heads (`nn.Linear`, a module with `.weight`, or a `(V, H)` tensor). Returns self."""
-        if student_head is not None:
-            self._heads["student"] = student_head
-        if teacher_head is not None:
-            self._heads["teacher"] = teacher_head
-        return self
-
-    def _rows(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        r = self.vocab_rows
-        if r is None:
-            return w, b
-        if r > w.shape[0]:
-            raise ValueError(f"chunked_kd: vocab_rows={r} exceeds a head with {w.shape[0]} rows")
-        return w[:r], None if b is None else b[:r]
-
-    def forward(self, student: Any, teacher: Any, labels: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, num_valid: int | torch.Tensor | None = None,
-                kd_mask: torch.Tensor | None = None, student_head: Any = None, teacher_head: Any = None) -> torch.Tensor:
-        """Views as in the class docstring; heads given here override bound ones."""
-        kw: dict[str, Any] = {}
-        if hasattr(student, "hidden") and hasattr(student, "weight"):
-            hs, (ws, bs) = student.hidden, (student.weight, getattr(student, "bias", None))
-            kw["student_softcap"] = getattr(student, "softcap", None)
-        else:
-            head = student_head if student_head is not None else self._heads.get("student")
-            if head is None:
-                raise RuntimeError("chunked_kd: the student view is hidden states but no student lm-head is bound "
-                                   "(loss.bind(student_head=model.lm_head)) and it has no .weight")
-            hs, (ws, bs) = student, _weight_bias(head, None, "student_head")
-        ws, bs = self._rows(ws, bs)
-        V = ws.shape[0]
-        t_head = teacher_head if teacher_head is not None else self._heads.get("teacher")
-        if hasattr(teacher, "hidden") and hasattr(teacher, "weight"):
-            wt, bt = self._rows(teacher.weight, getattr(teacher, "bias", None))
-            kw.update(teacher_hidden=teacher.hidden, teacher_head=wt, teacher_bias=bt,
-                      teacher_softcap=getattr(teacher, "softcap", None))
-        elif hasattr(teacher, "indices") and hasattr(teacher, "logprobs"):
-            kw["teacher_topk"] = (teacher.indices, teacher.logprobs)
-        elif isinstance(teacher, (list, tuple, dict)):
-            kw["teacher_topk"] = teacher
-        elif t_head is not None:
-            wt, bt = self._rows(*_weight_bias(t_head, None, "teacher_head"))
-            kw.update(teacher_hidden=teacher, teacher_head=wt, teacher_bias=bt)
-        else:
-            if teacher.shape[-1] < V:
-                raise RuntimeError(f"chunked_kd: teacher view {tuple(teacher.shape)} is not logits over V={V} and no "
-                                   "teacher lm-head is bound (loss.bind(teacher_head=...))")
-            kw["teacher_logits"] = teacher[..., :V]
-        params = {} if self.dac is not None else self.divergence_params
-        return chunked_distill_loss(
-            hs, ws, student_bias=bs, labels=labels, mask=mask, ignore_index=self.ignore_index,
-            divergence=self.dac if self.dac is not None else self.divergence, divergence_params=params,
-            temperature=self.temperature, scale_t2=self.scale_t2, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
-            num_valid=num_valid, kd_mask=kd_mask, topk_missing=self.topk_missing, chunk_size=self.chunk_size, **kw)
-
-
-def _lm_example() -> tuple[tuple, dict]:
-    g = torch.Generator().manual_seed(0)
-    hs = torch.randn(2, 5, 8, generator=g, requires_grad=True)
-    ht = torch.randn(2, 5, 12, generator=g)
-    student_head, teacher_head = nn.Linear(8, 17), nn.Linear(12, 17)
-    labels = torch.tensor([[1, 2, -100, 3, 4], [5, -100, 6, 7, 8]])
-    return (hs, ht), {"labels": labels, "student_head": student_head, "teacher_head": teacher_head}
+        return LMDistillLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -251,6 +251,7 @@ class Divergence:
     sparse_teacher: bool = False
     params: tuple[str, ...] = field(default_factory=tuple)
     fused: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # (s, t, **params) -> (rows, grad_s)
+    overlap: int = 0  # pairwise rows (e.g. span_kd): row i also reads rows i+1..i+overlap (chunked engine only)
 
 
 DIVERGENCES: dict[str, Divergence] = {

@@ -1,214 +1,90 @@
-"""Token-level LM distillation from hidden states (fused head, chunked) and the span-level loss.
+"""Token-level LM distillation (`lm_kd`) and the span-level loss (`span_kd`): thin wrappers of the chunked engine.
 
 `lm_kd(student, teacher, labels=...)` is still's LLM token-level KD term. `student` and `teacher` are
 either logits `(B, T, V)` or `LMHeadOutputs` (hidden `(B, T, H)` + head weight `(V, H)`, from
-`still.integrations.causal_lm`); the teacher may also be `TopKLogits` (a recorded top-k store). With
-`LMHeadOutputs` the `(B·T, V)` logits never exist: tokens go through the head in chunks, and each chunk's
-gradient is computed in the forward pass (Liger-style), so the peak is one `(chunk, V)` block.
+`still.integrations.causal_lm`); the teacher may also be a top-k teacher (`TopKLogits`: `.indices`,
+`.logprobs`, `.vocab_size`). With `LMHeadOutputs` the `(B·T, V)` logits never exist: the loss runs through
+`still.losses.chunked.chunked_distill_loss` (one chunked loop for all of still), with the divergences of
+`still.losses.divergences` (each written once). With logits it calls the same row functions densely.
 
 The loss is `kd_weight · Σ_valid D(p_t ‖ p_s) / n_valid + ce_weight · CE`, positions shifted for next-token
-prediction (`shift=True`: position t predicts token t+1). Divergences (row-wise, on temperature-scaled
-logits): forward_kl, reverse_kl, jsd (TRL's generalized JSD convention: m = β p_t + (1-β) p_s,
-D = β KL(p_t‖m) + (1-β) KL(p_s‖m); β=0 → forward KL, β=1 → reverse KL), tvd, skew_kl, skew_rkl (DistiLLM).
+prediction (`shift=True`: position t predicts token t+1). KD compares the first `kd_rows` vocabulary rows;
+CE uses all of the student's rows. Divergences: every name of `still.losses.divergences.DIVERGENCES`
+(`tvd` is an alias of `tv`); `beta` goes to jsd (TRL's generalized JSD: β=0 → forward KL, β=1 → reverse
+KL), `alpha` to skew_kl / skew_rkl (DistiLLM). A top-k teacher with forward KL uses the sparse KL on the
+log-probs as recorded (`missing` says where the missing mass goes); with another divergence it is
+densified (`still.losses.chunked.densify_topk`) and then treated as teacher logits (1/T applies).
 
 `span_kd`: the span-level loss of Liu et al. (multi-granularity semantic revision): for adjacent tokens
 i, i+1 inside one span, ‖p_t,i ⊙ p_t,i+1 − p_s,i ⊙ p_s,i+1‖² (summed over the vocabulary), mean over pairs.
 Spans come from `span_ids (B, T)` (same id = same span); `word_span_ids` derives them from word boundaries.
+It is a pairwise row function (`Divergence(..., overlap=1)`) run by the same chunked engine.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from still.losses.chunked import _weight_bias, chunked_distill_loss, densify_topk
+from still.losses.divergences import DACKL, Divergence, get_divergence, prepare_logits, reduce_rows
 from still.registry import register_loss
 
 LM_KD_PAPER = "Hinton et al. 2015; Agarwal et al., On-Policy Distillation of LMs (GKD, ICLR 2024)"
+ALIASES = {"tvd": "tv"}
 
 
-# ---------------------------------------------------------------------------------------------------
-# Row-wise divergences on (n, V) logits, returning (n,)
-# ---------------------------------------------------------------------------------------------------
-def _kl_rows(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) per row from log-probs; terms with p = 0 contribute 0 (also when log q = -inf)."""
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
+def _div_params(name: str, beta: float, alpha: float, missing: str) -> dict[str, Any]:
+    """The `divergence_params` lm_kd's flat arguments mean for divergence `name`."""
+    return {"jsd": {"beta": beta}, "skew_kl": {"alpha": alpha}, "skew_rkl": {"alpha": alpha},
+            "sparse_topk_kl": {"missing": missing}}.get(name, {})
 
 
 def divergence_rows(name: str, zs: torch.Tensor, zt: torch.Tensor, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
-    """Per-row divergence between teacher logits `zt (n, V)` and student logits `zs (n, V)`."""
-    ls, lt = F.log_softmax(zs.float(), -1), F.log_softmax(zt.float(), -1)
-    if name == "forward_kl":
-        return _kl_rows(lt, ls)
-    if name == "reverse_kl":
-        return _kl_rows(ls, lt)
-    if name == "jsd":
-        if beta <= 0.0:
-            return _kl_rows(lt, ls)
-        if beta >= 1.0:
-            return _kl_rows(ls, lt)
-        m = torch.logsumexp(torch.stack([lt + math.log(beta), ls + math.log(1 - beta)]), 0)
-        return beta * _kl_rows(lt, m) + (1 - beta) * _kl_rows(ls, m)
-    if name in ("tvd", "tv"):
-        return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
-    if name == "skew_kl":
-        m = torch.logsumexp(torch.stack([lt + math.log(alpha), ls + math.log(1 - alpha)]), 0)
-        return _kl_rows(lt, m)
-    if name == "skew_rkl":
-        m = torch.logsumexp(torch.stack([ls + math.log(alpha), lt + math.log(1 - alpha)]), 0)
-        return _kl_rows(ls, m)
-    raise KeyError(f"unknown divergence {name!r}; known: {', '.join(DIVERGENCES)}")
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "tv", "skew_kl", "skew_rkl")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Teacher payloads → logits of a row range
-# ---------------------------------------------------------------------------------------------------
-def _is_head(x: Any) -> bool:
-    return hasattr(x, "hidden") and hasattr(x, "weight")
-
-
-def _head_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, cap: float | None) -> torch.Tensor:
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
-    return torch.tanh(z / cap) * cap if cap else z
+    """Per-row divergence `(n,)` between raw teacher logits `zt (n, V)` and student logits `zs (n, V)`
+    (the row functions of `still.losses.divergences` on prepared fp32 logits)."""
+    div = get_divergence(ALIASES.get(name, name))
+    return div.rows(prepare_logits(zs), prepare_logits(zt), None, **_div_params(div.name, beta, alpha, "uniform"))
 
 
 def topk_to_logprobs(indices: torch.Tensor, logprobs: torch.Tensor, vocab_size: int,
                      missing: str = "uniform") -> torch.Tensor:
-    """Dense teacher log-probs `(n, V)` from top-k `(n, k)`: the missing mass spread uniformly over the
-    other ids (`"uniform"`), or dropped and the top-k renormalised (`"renormalize"`: other ids get -inf)."""
-    n, k = indices.shape
-    lp = logprobs.float()
-    if missing == "renormalize" or k >= vocab_size:
-        out = torch.full((n, vocab_size), float("-inf"), device=lp.device)
-        return out.scatter(1, indices, lp - torch.logsumexp(lp, -1, keepdim=True))
-    if missing != "uniform":
-        raise ValueError(f"missing must be 'uniform' or 'renormalize', not {missing!r}")
-    rest = (1 - lp.exp().sum(-1)).clamp_min(1e-12) / (vocab_size - k)
-    out = rest.log().unsqueeze(-1).expand(n, vocab_size).clone()
-    return out.scatter(1, indices, lp)
+    """Dense teacher log-probs `(n, V)` from top-k `(n, k)` (`densify_topk`): the missing mass spread
+    uniformly over the other ids ("uniform"), or dropped and the top-k renormalised ("renormalize")."""
+    return densify_topk(indices, logprobs, vocab_size, missing)
 
 
-class _Rows:
-    """Flattened views of a student/teacher payload, giving (chunk, V) logits for a row range."""
-
-    def __init__(self, x: Any, name: str) -> None:
-        if isinstance(x, torch.Tensor):
-            self.kind = "dense"
-        else:
-            self.kind = "head" if _is_head(x) else ("topk" if hasattr(x, "logprobs") else "other")
-        if self.kind == "head":
-            self.h = x.hidden.reshape(-1, x.hidden.shape[-1])
-            self.w, self.b, self.cap = x.weight, x.bias, getattr(x, "softcap", None)
-            self.vocab = int(x.weight.shape[0])
-        elif self.kind == "topk":
-            self.idx = x.indices.reshape(-1, x.indices.shape[-1])
-            self.lp = x.logprobs.reshape(-1, x.logprobs.shape[-1])
-            self.vocab = int(x.vocab_size)
-        elif self.kind == "dense":
-            self.z = x.reshape(-1, x.shape[-1])
-            self.vocab = int(x.shape[-1])
-        else:
-            raise TypeError(f"lm_kd: {name} must be logits, LMHeadOutputs or TopKLogits, not {type(x).__name__}")
-        self.n = {"head": lambda: len(self.h), "topk": lambda: len(self.idx), "dense": lambda: len(self.z)}[self.kind]()
+def _is_head(x: Any) -> bool:
+    return hasattr(x, "hidden") and hasattr(x, "weight")
 
 
-def _fused_rows_loss(s: _Rows, t: _Rows | None, chunk_fn: Callable[..., torch.Tensor], chunk_size: int,
-                     overlap: int = 0, missing: str = "uniform") -> torch.Tensor:
-    """Σ over chunks of `chunk_fn(zs, zt, a, b)` with per-chunk gradients (no (N, V) tensor is kept)."""
-    if s.kind != "head":
-        raise AssertionError
-    tensors = [s.h, s.w] + ([s.b] if s.b is not None else [])
-
-    def teacher_rows(a: int, b: int) -> torch.Tensor | None:
-        if t is None:
-            return None
-        with torch.no_grad():
-            if t.kind == "head":
-                return _head_logits(t.h[a:b], t.w, t.b, t.cap).float()
-            if t.kind == "topk":
-                return topk_to_logprobs(t.idx[a:b], t.lp[a:b], t.vocab, missing)
-            return t.z[a:b].float()
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, *ts: torch.Tensor) -> torch.Tensor:
-            h, w = ts[0], ts[1]
-            bias = ts[2] if len(ts) > 2 else None
-            need = [x.requires_grad for x in ts]
-            grads = [torch.zeros_like(x) if r else None for x, r in zip(ts, need)]
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
-            step = max(1, chunk_size)
-            for a in range(0, s.n, step):
-                b = min(s.n, a + step + overlap)
-                with torch.enable_grad():
-                    hc = h[a:b].detach().requires_grad_(need[0])
-                    wd = w.detach().requires_grad_(need[1])
-                    bd = bias.detach().requires_grad_(need[2]) if bias is not None else None
-                    zs = _head_logits(hc, wd, bd, s.cap).float()
-                    loss = chunk_fn(zs, teacher_rows(a, b), a, b)
-                    inputs = [x for x, r in zip([hc, wd, bd], need) if r and x is not None]
-                    if inputs and loss.requires_grad:
-                        gs = iter(torch.autograd.grad(loss, inputs))
-                        if need[0]:
-                            grads[0][a:b] += next(gs)
-                        if need[1]:
-                            grads[1] += next(gs)
-                        if bias is not None and need[2]:
-                            grads[2] += next(gs)
-                total = total + loss.detach()
-            ctx.grads = grads
-            return total
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            return tuple(None if x is None else x * g for x in ctx.grads)
-
-    return _Fn.apply(*tensors)
+def _is_topk(x: Any) -> bool:
+    return hasattr(x, "indices") and hasattr(x, "logprobs")
 
 
-_ENGINE_NAMES = {"forward_kl": "forward_kl", "reverse_kl": "reverse_kl", "jsd": "jsd", "tvd": "tv", "tv": "tv",
-                 "skew_kl": "skew_kl", "skew_rkl": "skew_rkl"}
+def _vocab(x: Any, name: str) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[-1])
+    if _is_head(x):
+        return int(x.weight.shape[0])
+    if _is_topk(x):
+        return int(x.vocab_size)
+    raise TypeError(f"lm_kd: {name} must be logits, LMHeadOutputs or TopKLogits, not {type(x).__name__}")
 
 
-def _engine_kd(student: Any, teacher: Any, t: "_Rows | None", kd_valid: torch.Tensor, n_kd: torch.Tensor,
-               divergence: str, beta: float, alpha: float, temp: float, scale_t2: bool, kd_weight: float,
-               kd_rows: int | None, chunk_size: int, missing: str) -> torch.Tensor | None:
-    """The KD term through `still.losses.chunked.chunked_distill_loss` (None where it does not apply:
-    no teacher, a dense-logits student, or a top-k teacher with a divergence other than forward KL)."""
-    if t is None or t.kind == "dense" or divergence not in _ENGINE_NAMES:
-        return None
-    try:
-        from still.losses.chunked import chunked_distill_loss
-    except ImportError:  # pragma: no cover - the engine is part of still; the local path has the same maths
-        return None
-    name, params = _ENGINE_NAMES[divergence], {}
-    if name == "jsd":
-        params = {"beta": beta}
-    elif name in ("skew_kl", "skew_rkl"):
-        params = {"alpha": alpha}
-    r = kd_rows
-    ws = student.weight[:r]
-    bs = None if student.bias is None else student.bias[:r]
-    kw: dict[str, Any] = {"student_softcap": getattr(student, "softcap", None)}
-    if t.kind == "topk":
-        if name != "forward_kl":
-            return None
-        name, params = "sparse_topk_kl", {"missing": {"renormalize": "renormalise"}.get(missing, missing)}
-        kw["teacher_topk"] = (t.idx, t.lp)
-    else:
-        kw.update(teacher_hidden=t.h, teacher_head=t.w[:r], teacher_bias=None if t.b is None else t.b[:r],
-                  teacher_softcap=t.cap)
-    return chunked_distill_loss(student.hidden, ws, student_bias=bs, mask=kd_valid, divergence=name,
-                                divergence_params=params, temperature=temp, scale_t2=scale_t2, kd_weight=kd_weight,
-                                num_valid=n_kd, chunk_size=chunk_size, **kw)
+def _dense_logits(x: Any) -> torch.Tensor:
+    """`(B, T, V)` logits of a payload (the head applied at once: the dense path only)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if _is_head(x):
+        z = x.hidden @ x.weight.t()
+        z = z if x.bias is None else z + x.bias
+        cap = getattr(x, "softcap", None)
+        return torch.tanh(z / cap) * cap if cap else z
+    raise TypeError(f"not logits or LMHeadOutputs: {type(x).__name__}")
 
 
 def _shifted_targets(n_pos: tuple[int, int], labels: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -253,8 +129,8 @@ def lm_kd(student: Any, teacher: Any = None, labels: torch.Tensor | None = None,
     sub-vocabulary student's extra UNK row); when Vs != Vt it must be given (never a silent truncation).
     kd_mask (B, T): optional extra mask for the KD term only (e.g. generated positions in on-policy steps).
     """
-    s = _Rows(student, "student")
-    ref = student.hidden if s.kind == "head" else student
+    s_vocab = _vocab(student, "student")
+    ref = student.hidden if _is_head(student) else student
     B, T = ref.shape[0], ref.shape[1]
     tgt, valid = _shifted_targets((B, T), labels, attention_mask, shift, ignore_index, ref.device)
     kd_valid = valid
@@ -263,53 +139,163 @@ def lm_kd(student: Any, teacher: Any = None, labels: torch.Tensor | None = None,
         if shift:
             km = torch.cat([km[:, 1:], torch.zeros_like(km[:, :1])], 1)
         kd_valid = valid & km.reshape(-1)
-    t = None
-    if teacher is not None and kd_weight != 0.0:
-        t = _Rows(teacher, "teacher")
+    if teacher is None or kd_weight == 0.0:
+        teacher, kd_weight = None, 0.0
+    else:
+        t_vocab = _vocab(teacher, "teacher")
         if kd_rows is None:
-            if t.vocab != s.vocab:
-                from still.integrations.causal_lm import VocabMismatchError
+            if t_vocab != s_vocab:
+                from still.losses.vocab import VocabMismatchError
 
                 raise VocabMismatchError(
-                    f"lm_kd: student has {s.vocab} vocabulary rows, teacher {t.vocab}; pass kd_rows (the shared "
+                    f"lm_kd: student has {s_vocab} vocabulary rows, teacher {t_vocab}; pass kd_rows (the shared "
                     "real vocabulary, see causal_lm.aligned_vocab_size) instead of comparing misaligned ids")
-            kd_rows = s.vocab
-        if kd_rows > min(s.vocab, t.vocab):
-            raise ValueError(f"lm_kd: kd_rows={kd_rows} exceeds the student ({s.vocab}) or teacher ({t.vocab}) rows")
+            kd_rows = s_vocab
+        if kd_rows > min(s_vocab, t_vocab):
+            raise ValueError(f"lm_kd: kd_rows={kd_rows} exceeds the student ({s_vocab}) or teacher ({t_vocab}) rows")
     if labels is None and ce_weight:
         raise ValueError("lm_kd: ce_weight > 0 needs labels")
-    n_kd = kd_valid.sum().clamp_min(1).float()
-    n_ce = valid.sum().clamp_min(1).float()
-    temp = float(temperature)
-    t2 = temp * temp if scale_t2 else 1.0
+    name = ALIASES.get(divergence, divergence)
+    topk = teacher is not None and _is_topk(teacher)
+    if topk and name == "forward_kl" and _is_head(student):
+        name = "sparse_topk_kl"  # KL on the recorded log-probs (no (N, V) teacher is built)
+    get_divergence(name)
+    params = _div_params(name, beta, alpha, {"renormalize": "renormalise"}.get(missing, missing))
+    lab = torch.where(valid, tgt, torch.full_like(tgt, ignore_index))
+    n_kd, n_ce = kd_valid.sum().clamp_min(1).float(), valid.sum().clamp_min(1).float()
+    if _is_head(student):
+        kw: dict[str, Any] = {}
+        if _is_head(teacher):
+            kw.update(teacher_hidden=teacher.hidden, teacher_head=teacher.weight[:kd_rows],
+                      teacher_bias=None if teacher.bias is None else teacher.bias[:kd_rows],
+                      teacher_softcap=getattr(teacher, "softcap", None))
+        elif topk:
+            kw.update(teacher_topk=teacher)
+        elif teacher is not None:
+            kw.update(teacher_logits=teacher)
+        return chunked_distill_loss(
+            student.hidden, student.weight, student_bias=student.bias, labels=lab, kd_mask=kd_valid,
+            divergence=name, divergence_params=params, temperature=float(temperature), scale_t2=scale_t2,
+            kd_weight=kd_weight, ce_weight=ce_weight, num_valid=n_ce, num_kd_valid=n_kd, topk_missing=missing,
+            chunk_size=chunk_size, student_softcap=getattr(student, "softcap", None), kd_vocab=kd_rows, **kw)
+    zs = student.reshape(B * T, -1).float()
+    loss = zs.new_zeros(())
+    if teacher is not None:
+        if topk:
+            zt = densify_topk(teacher.indices.reshape(B * T, -1), teacher.logprobs.reshape(B * T, -1),
+                              t_vocab, missing)
+        else:
+            zt = _dense_logits(teacher).reshape(B * T, -1)
+        div = get_divergence(name)
+        t_in: Any = (teacher.indices.reshape(B * T, -1), teacher.logprobs.reshape(B * T, -1)) if div.sparse_teacher \
+            else zt[:, :kd_rows]
+        rows = div.rows if not params else (lambda s_, t_, l_: div.rows(s_, t_, l_, **params))
+        kd = reduce_rows(rows, zs[:, :kd_rows], t_in, temperature=float(temperature), mask=kd_valid, reduction="sum",
+                         scale_t2=scale_t2, sparse_teacher=div.sparse_teacher, name=f"lm_kd {name}")
+        loss = loss + kd_weight * kd / n_kd
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(zs, lab, ignore_index=ignore_index, reduction="sum") / n_ce
+    return loss
 
-    def chunk_fn(zs: torch.Tensor, zt: torch.Tensor | None, a: int, b: int) -> torch.Tensor:
-        loss = zs.new_zeros(())
-        if zt is not None:
-            m = kd_valid[a:b]
-            if m.any():
-                d = divergence_rows(divergence, zs[m, :kd_rows] / temp, zt[m, :kd_rows] / temp, beta, alpha)
-                loss = loss + kd_weight * t2 * d.sum() / n_kd
-        if ce_weight:
-            m = valid[a:b]
-            if m.any():
-                loss = loss + ce_weight * F.cross_entropy(zs[m], tgt[a:b][m], reduction="sum") / n_ce
-        return loss
 
-    if s.kind == "head":
-        engine = _engine_kd(student, teacher, t, kd_valid, n_kd, divergence, beta, alpha, temp, scale_t2,
-                            kd_weight, kd_rows, chunk_size, missing)
-        if engine is not None:  # KD through issue 3's chunked engine; CE (if any) in a local fused pass
-            if not ce_weight:
-                return engine
-            return engine + _fused_rows_loss(s, None, chunk_fn, chunk_size)
-        return _fused_rows_loss(s, t, chunk_fn, chunk_size, missing=missing)
-    zt = None
-    if t is not None:
-        zt = t.z.float() if t.kind == "dense" else (
-            _head_logits(t.h, t.w, t.b, t.cap).float() if t.kind == "head"
-            else topk_to_logprobs(t.idx, t.lp, t.vocab, missing))
-    return chunk_fn(s.z.float(), zt, 0, s.n)
+@register_loss("chunked_kd", paper="Hinton et al. (2015); chunked fused-linear form as in Liger-Kernel (Hsu et al., 2024)",
+               example=lambda: _lm_example(), shape_check="none")
+class LMDistillLoss(nn.Module):
+    """LLM token-level KD as an Objective term: `chunked_distill_loss` driven by views.
+
+    Student view: an object with `.hidden (B, T, Hs)` and `.weight (V, Hs)` (optional `.bias`, `.softcap`;
+    e.g. `LMHeadOutputs`), or hidden states `(B, T, Hs)` with the head bound by `bind(student_head=...)`.
+    Teacher view: the same (teacher gets no gradient), cached logits `(B, T, V)`, or a top-k teacher
+    (`.indices`/`.logprobs`, `{"indices", "values"}` or `(ids, log-probs)`, each `(B, T, k)`; divergence
+    "sparse_topk_kl"). Bound heads are *not* submodules, so the Objective neither re-optimises nor re-saves
+    them. `divergence` is a name (`forward_kl`, `jsd`, ...) or "dac_kl" (a trainable `DACKL` sub-module built
+    from `divergence_params`). Batch inputs: `labels (B, T)` aligned with the hidden states (shift them
+    before; `ignore_index` marks non-targets), optional `mask (B, T)` and `kd_mask (B, T)` (KD-only positions). `ce_weight` adds the hard-label CE
+    in the same pass. `vocab_rows` compares only the first rows of both heads (padded vocabularies; see
+    `still.losses.vocab.align_vocab`).
+    """
+
+    def __init__(self, divergence: str = "forward_kl", divergence_params: dict[str, Any] | None = None,
+                 temperature: float = 1.0, scale_t2: bool = False, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                 ignore_index: int = -100, chunk_size: int | None = None, vocab_rows: int | None = None,
+                 topk_missing: str = "uniform", student_head: Any = None, teacher_head: Any = None) -> None:
+        super().__init__()
+        self.divergence_params = dict(divergence_params or {})
+        self.dac = DACKL(**self.divergence_params) if divergence == "dac_kl" else None
+        if divergence != "dac_kl":
+            get_divergence(divergence)
+        self.divergence = divergence
+        self.temperature, self.scale_t2 = float(temperature), bool(scale_t2)
+        self.kd_weight, self.ce_weight = float(kd_weight), float(ce_weight)
+        self.ignore_index, self.chunk_size, self.vocab_rows = int(ignore_index), chunk_size, vocab_rows
+        self.topk_missing = topk_missing
+        self._heads: dict[str, Any] = {}
+        self.bind(student_head, teacher_head)
+
+    def bind(self, student_head: Any = None, teacher_head: Any = None) -> "LMDistillLoss":
+        """Attach lm-heads (`nn.Linear`, a module with `.weight`, or a `(V, H)` tensor). Returns self."""
+        if student_head is not None:
+            self._heads["student"] = student_head
+        if teacher_head is not None:
+            self._heads["teacher"] = teacher_head
+        return self
+
+    def _rows(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r = self.vocab_rows
+        if r is None:
+            return w, b
+        if r > w.shape[0]:
+            raise ValueError(f"chunked_kd: vocab_rows={r} exceeds a head with {w.shape[0]} rows")
+        return w[:r], None if b is None else b[:r]
+
+    def forward(self, student: Any, teacher: Any, labels: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, num_valid: int | torch.Tensor | None = None,
+                kd_mask: torch.Tensor | None = None, student_head: Any = None, teacher_head: Any = None) -> torch.Tensor:
+        """Views as in the class docstring; heads given here override bound ones."""
+        kw: dict[str, Any] = {}
+        if hasattr(student, "hidden") and hasattr(student, "weight"):
+            hs, (ws, bs) = student.hidden, (student.weight, getattr(student, "bias", None))
+            kw["student_softcap"] = getattr(student, "softcap", None)
+        else:
+            head = student_head if student_head is not None else self._heads.get("student")
+            if head is None:
+                raise RuntimeError("chunked_kd: the student view is hidden states but no student lm-head is bound "
+                                   "(loss.bind(student_head=model.lm_head)) and it has no .weight")
+            hs, (ws, bs) = student, _weight_bias(head, None, "student_head")
+        ws, bs = self._rows(ws, bs)
+        V = ws.shape[0]
+        t_head = teacher_head if teacher_head is not None else self._heads.get("teacher")
+        if hasattr(teacher, "hidden") and hasattr(teacher, "weight"):
+            wt, bt = self._rows(teacher.weight, getattr(teacher, "bias", None))
+            kw.update(teacher_hidden=teacher.hidden, teacher_head=wt, teacher_bias=bt,
+                      teacher_softcap=getattr(teacher, "softcap", None))
+        elif hasattr(teacher, "indices") and hasattr(teacher, "logprobs"):
+            kw["teacher_topk"] = (teacher.indices, teacher.logprobs)
+        elif isinstance(teacher, (list, tuple, dict)):
+            kw["teacher_topk"] = teacher
+        elif t_head is not None:
+            wt, bt = self._rows(*_weight_bias(t_head, None, "teacher_head"))
+            kw.update(teacher_hidden=teacher, teacher_head=wt, teacher_bias=bt)
+        else:
+            if teacher.shape[-1] < V:
+                raise RuntimeError(f"chunked_kd: teacher view {tuple(teacher.shape)} is not logits over V={V} and no "
+                                   "teacher lm-head is bound (loss.bind(teacher_head=...))")
+            kw["teacher_logits"] = teacher[..., :V]
+        params = {} if self.dac is not None else self.divergence_params
+        return chunked_distill_loss(
+            hs, ws, student_bias=bs, labels=labels, mask=mask, ignore_index=self.ignore_index,
+            divergence=self.dac if self.dac is not None else self.divergence, divergence_params=params,
+            temperature=self.temperature, scale_t2=self.scale_t2, kd_weight=self.kd_weight, ce_weight=self.ce_weight,
+            num_valid=num_valid, kd_mask=kd_mask, topk_missing=self.topk_missing, chunk_size=self.chunk_size, **kw)
+
+
+def _lm_example() -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    ht = torch.randn(2, 5, 12, generator=g)
+    student_head, teacher_head = nn.Linear(8, 17), nn.Linear(12, 17)
+    labels = torch.tensor([[1, 2, -100, 3, 4], [5, -100, 6, 7, 8]])
+    return (hs, ht), {"labels": labels, "student_head": student_head, "teacher_head": teacher_head}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,6 +332,16 @@ def _span_example() -> tuple[tuple, dict]:
         "span_ids": torch.tensor([[1, 1, 2, 2, 2, 3], [1, 2, 2, 3, 3, 3]])}
 
 
+def span_rows(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Row i of prepared logits `(M, V)`: Σ_v (p_s,i ⊙ p_s,i+1 − p_t,i ⊙ p_t,i+1)², `(M,)`; the last row 0."""
+    ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
+    d = ((ps[:-1] * ps[1:] - pt[:-1] * pt[1:]) ** 2).sum(-1)
+    return torch.cat([d, d.new_zeros(1)])
+
+
+SPAN = Divergence("span_kd", span_rows, overlap=1)  # pairwise: not a token divergence, so not in DIVERGENCES
+
+
 @register_loss("span_kd", paper="Liu et al., Multi-Granularity Semantic Revision for LLM Distillation (2024)",
                shape_check="none", example=_span_example)
 def span_kd(student: Any, teacher: Any, span_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -356,10 +352,9 @@ def span_kd(student: Any, teacher: Any, span_ids: torch.Tensor, attention_mask: 
     student/teacher: logits (B, T, V) or LMHeadOutputs; span_ids (B, T) integers; attention_mask (B, T).
     Pairs never cross rows of the batch (the flattened position i+1 must be in the same sequence).
     """
-    s, t = _Rows(student, "student"), _Rows(teacher, "teacher")
-    ref = student.hidden if s.kind == "head" else student
+    ref = student.hidden if _is_head(student) else student
     B, T = ref.shape[0], ref.shape[1]
-    kd_rows = kd_rows or min(s.vocab, t.vocab)
+    kd_rows = kd_rows or min(_vocab(student, "student"), _vocab(teacher, "teacher"))
     sp = span_ids.to(ref.device)
     same = torch.zeros(B, T, dtype=torch.bool, device=ref.device)
     same[:, :-1] = sp[:, 1:] == sp[:, :-1]
@@ -368,20 +363,15 @@ def span_kd(student: Any, teacher: Any, span_ids: torch.Tensor, attention_mask: 
         same[:, :-1] &= am[:, 1:] & am[:, :-1]
     pair = same.reshape(-1)  # pair (i, i+1) valid, flattened; the last position of a row is never valid
     n_pairs = pair.sum().clamp_min(1).float()
-    temp = float(temperature)
-
-    def chunk_fn(zs: torch.Tensor, zt: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        ps = torch.softmax(zs[:, :kd_rows] / temp, -1)
-        pt = torch.softmax(zt[:, :kd_rows] / temp, -1)
-        m = pair[a : b - 1] if b - a > 1 else pair[a:a]
-        m = m[: len(ps) - 1]
-        if not m.any():
-            return zs.new_zeros(()) + 0.0 * zs.sum()
-        ds = ps[:-1][m] * ps[1:][m]
-        dt = pt[:-1][m] * pt[1:][m]
-        return ((ds - dt) ** 2).sum() / n_pairs
-
-    if s.kind == "head":
-        return _fused_rows_loss(s, t, chunk_fn, chunk_size, overlap=1)
-    zt = t.z.float() if t.kind == "dense" else _head_logits(t.h, t.w, t.b, t.cap).float()
-    return chunk_fn(s.z.float(), zt, 0, s.n)
+    if _is_head(student):
+        kw: dict[str, Any] = {"teacher_logits": teacher} if isinstance(teacher, torch.Tensor) else dict(
+            teacher_hidden=teacher.hidden, teacher_head=teacher.weight[:kd_rows],
+            teacher_bias=None if teacher.bias is None else teacher.bias[:kd_rows],
+            teacher_softcap=getattr(teacher, "softcap", None))
+        return chunked_distill_loss(
+            student.hidden, student.weight, student_bias=student.bias, divergence=SPAN, temperature=float(temperature),
+            kd_mask=pair, num_kd_valid=n_pairs, chunk_size=chunk_size, student_softcap=getattr(student, "softcap", None),
+            kd_vocab=kd_rows, **kw)
+    zs = prepare_logits(_dense_logits(student).reshape(B * T, -1)[:, :kd_rows], temperature)
+    zt = prepare_logits(_dense_logits(teacher).reshape(B * T, -1)[:, :kd_rows], temperature)
+    return (span_rows(zs, zt) * pair).sum() / n_pairs
