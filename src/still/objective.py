@@ -125,7 +125,9 @@ class Objective(nn.Module):
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Tell schedules (and losses that have their own) where training is."""
-        self.step, self.total_steps = int(step), max(int(total_steps), 1)
+        # plain attributes: written straight into __dict__, skipping nn.Module.__setattr__ (called every step)
+        d = self.__dict__
+        d["step"], d["total_steps"] = int(step), max(int(total_steps), 1)
         for m in self.losses.values():
             if hasattr(m, "set_progress"):
                 m.set_progress(self.step, self.total_steps)
@@ -213,7 +215,8 @@ class Objective(nn.Module):
             ref = next(iter(out.values()), None)
             total = torch.zeros((), device=ref.device if isinstance(ref, torch.Tensor) else None)
         out["total"] = total
-        self._validated = True
+        if not self._validated:
+            self.__dict__["_validated"] = True
         return out
 
     def validate(self, student_views: Mapping[str, Any], teacher_views: Mapping[str, Any], batch: Mapping) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -46,6 +47,12 @@ class TapSpec:
     def parse(cls, text: str | TapSpec) -> TapSpec:
         if isinstance(text, TapSpec):
             return text
+        if cls is TapSpec and type(text) is str:  # the hot path parses the same few strings every step
+            return _parse_cached(text)
+        return cls._parse(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> TapSpec:
         m = _TAP_RE.match(text.strip())
         if not m:
             raise TapError(f"cannot parse tap {text!r}; expected 'path.to.module[key]' or 'path@input[0]'")
@@ -54,6 +61,11 @@ class TapSpec:
 
     def __str__(self) -> str:
         return self.path + ("@input" if self.input else "") + "".join(f"[{k}]" for k in self.keys)
+
+
+@lru_cache(maxsize=1024)
+def _parse_cached(text: str) -> TapSpec:
+    return TapSpec._parse(text)
 
 
 def _key(k: str) -> str | int:

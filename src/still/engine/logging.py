@@ -195,9 +195,15 @@ class LossWindow:
 
     def matrix(self, accelerator: Any) -> torch.Tensor:
         """`(steps, k + 1)` float32: micro-batch means, averaged over processes (one collective)."""
-        rows = [torch.stack([torch.stack([v.float().reshape(()) for v in micro]) for micro in step]).mean(0)
-                for step in self.values]
-        w = torch.stack(rows)
+        micro = {len(step) for step in self.values}
+        flat = [v for step in self.values for m in step for v in m]
+        if len(micro) == 1 and all(v.dim() == 0 and v.dtype == torch.float32 for v in flat):
+            # the usual case: one stack and one mean for the whole window
+            w = torch.stack(flat).view(len(self.values), micro.pop(), -1).mean(1)
+        else:
+            rows = [torch.stack([torch.stack([v.float().reshape(()) for v in m]) for m in step]).mean(0)
+                    for step in self.values]
+            w = torch.stack(rows)
         return accelerator.reduce(w, reduction="mean") if accelerator.num_processes > 1 else w
 
     def check(self, w: torch.Tensor, last_checkpoint: Path | None, out_dir: Path | None) -> None:

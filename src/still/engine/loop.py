@@ -219,24 +219,28 @@ class RunState:
 
 
 # -- one optimizer step -----------------------------------------------------------------------------------
-def step_functions(accelerator: Any, optimizer: Any) -> tuple[Callable[[torch.Tensor], None], Callable[[], None]]:
-    """`(backward, optimizer_step)` for the hot path.
+def step_functions(accelerator: Any, optimizer: Any
+                   ) -> tuple[Callable[[torch.Tensor], None], Callable[[], None], Callable[[], None]]:
+    """`(backward, optimizer_step, zero_grad)` for the hot path.
 
     Without a grad scaler (fp16) and outside XLA / DeepSpeed / Megatron, accelerate's wrappers reduce to
-    `loss.backward()` and `optimizer.step()`; calling those directly saves accelerate's per-step checks
-    (`AcceleratedOptimizer.step` probes `importlib.util.find_spec("lomo_optim")` on every call).
+    `loss.backward()`, `optimizer.step()` and `optimizer.zero_grad(set_to_none=True)` (the engine never uses
+    `accelerator.accumulate`, so accelerate's `sync_gradients` is always true); calling those directly saves
+    accelerate's per-step checks (`AcceleratedOptimizer.step` probes `importlib.util.find_spec("lomo_optim")`,
+    `AcceleratedOptimizer.zero_grad` runs `inspect.signature` on every call).
     """
     from accelerate.utils import DistributedType
 
     special = {DistributedType.XLA, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM}
     if accelerator.scaler is None and accelerator.distributed_type not in special:
         inner = getattr(optimizer, "optimizer", optimizer)
-        return (lambda loss: loss.backward()), inner.step
-    return accelerator.backward, optimizer.step
+        return (lambda loss: loss.backward()), inner.step, (lambda: inner.zero_grad(set_to_none=True))
+    return accelerator.backward, optimizer.step, (lambda: optimizer.zero_grad(set_to_none=True))
 
 
 def train_step(model: nn.Module, optimizer: Any, scheduler: Any, accelerator: Any, batches: Any, cfg: TrainConfig,
                names: list[str], backward: Callable[[torch.Tensor], None], optimizer_step: Callable[[], None],
+               zero_grad: Callable[[], None],
                ) -> tuple[list[list[torch.Tensor]], float, torch.Tensor | None]:
     """One optimizer step over `grad_accum` micro-batches.
 
@@ -258,7 +262,7 @@ def train_step(model: nn.Module, optimizer: Any, scheduler: Any, accelerator: An
     optimizer_step()
     if not getattr(optimizer, "step_was_skipped", False):  # fp16 overflow skips the update
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    zero_grad()
     return values, lr, grad_norm
 
 
@@ -364,7 +368,7 @@ def train(
     optimizer = build_optimizer([p for p in module.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, plan.total_steps))
     model, optimizer = accelerator.prepare(module, optimizer)
-    backward, optimizer_step = step_functions(accelerator, optimizer)
+    backward, optimizer_step, zero_grad = step_functions(accelerator, optimizer)
 
     # resume: weights, optimizer, schedule, RNG, data position; metrics.jsonl cut to the checkpoint
     state, history, last_ckpt = RunState(), [], None
@@ -464,7 +468,7 @@ def train(
             while state.position < plan.batches_per_epoch and state.step < plan.total_steps:
                 objective.set_progress(state.step, plan.total_steps)
                 values, lr, grad_norm = train_step(model, optimizer, scheduler, accelerator, batches, cfg,
-                                                   term_names + ["total"], backward, optimizer_step)
+                                                   term_names + ["total"], backward, optimizer_step, zero_grad)
                 if after_step is not None:
                     after_step(student)
                 window.add(state.step, values, lr, grad_norm)
