@@ -269,6 +269,8 @@ def run_recipe(
     t_start = time.perf_counter()
     train = build_dataset(recipe.data, "train")
     test = build_dataset(recipe.data, recipe.eval.split)
+    if is_embedding_recipe(recipe):
+        return _run_embedding(recipe, run_dir, seeds, train, resume, progress, log, t_start, report)
     teacher_model, store, t_info = prepare_teacher(recipe, train, test, run_dir, cache_root, progress, log)
     summary: dict[str, Any] = {
         "recipe": recipe.name, "run_dir": str(run_dir), "seeds": seeds, "metrics": list(recipe.eval.metrics),
@@ -302,11 +304,154 @@ def run_recipe(
     return summary
 
 
+# -- sentence-embedding recipes ---------------------------------------------------------------------
+EMBEDDING_NOTE = ("held-out WordNet synsets (lemma → definition R@1/R@10), 12-category fortunes probe, agreement "
+                  "with the teacher on held-out KJV verses; sent/s on {n} held-out definitions, batch {bs}, warmed up, "
+                  "interleaved with the teacher, {threads} threads")
+
+
+def is_embedding_recipe(recipe: Recipe) -> bool:
+    """True when the recipe's eval metrics are embedding metrics (`still.integrations.embedding_eval`);
+    mixing them with logits metrics (accuracy, ...) is an error."""
+    from still.registry import METRICS
+
+    emb = [m for m in recipe.eval.metrics if m in METRICS and METRICS.entry(m).meta.get("task") == "embedding"]
+    if emb and len(emb) != len(recipe.eval.metrics):
+        other = [m for m in recipe.eval.metrics if m not in emb]
+        raise RecipeError(f"eval.metrics: embedding metrics {emb} cannot be mixed with logits metrics {other}")
+    return bool(emb)
+
+
+def _embedding_teacher(recipe: Recipe, log: _Log) -> Any:
+    """The recipe's teacher as a cached `STTeacher` (a sentence-transformers model serving one view)."""
+    from still.integrations.sentence_transformers import DEFAULT_CACHE, STTeacher
+
+    spec = recipe.teacher
+    if spec is None or spec.model is None:
+        raise RecipeError("teacher: an embedding recipe needs a teacher model (st_model with a path)")
+    if spec.train is not None or spec.store is not None:
+        raise RecipeError("teacher: an embedding teacher is used as it is (no train section, no store)")
+    if len(spec.views) != 1 or next(iter(spec.views.values())) not in ("", "sentence_embedding"):
+        raise RecipeError(f"teacher.views: an embedding teacher serves one view of its sentence embedding "
+                          f"(e.g. {{embedding: ''}}); got {spec.views}")
+    model = seeded_model(spec.model, "teacher.model", recipe.seed)
+    if spec.weights:
+        load_weights(model, spec.weights, "teacher.weights")
+    st = getattr(model, "st", None)
+    if st is None:
+        raise RecipeError(f"teacher.model: {spec.model.name or spec.model.factory} is not a sentence-transformers "
+                          f"model (use st_model / st_layer_dropped / st_static)")
+    return STTeacher(st, view=next(iter(spec.views)), cache_dir=DEFAULT_CACHE / "embeddings")
+
+
+def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, resume: bool,
+                   progress: bool | None, log: _Log, t_start: float, report: bool) -> dict[str, Any]:
+    """Embedding distillation: cached teacher embeddings, engine training per seed, the student saved as a
+    sentence-transformers directory (`seed<k>/distilled/model/`), embedding metrics for teacher and students."""
+    from still.integrations import embedding_eval as ee
+    from still.integrations.sentence_transformers import st_encode
+    from still.metrics import count_parameters
+
+    if recipe.baseline:
+        raise RecipeError("baseline: embedding recipes have no scratch baseline (the student's init is the "
+                          "teacher's or model2vec's); set baseline: false")
+    texts = getattr(train, "texts", None)
+    if texts is None:
+        raise RecipeError(f"data: an embedding recipe needs a text data set with .texts; got {type(train).__name__}")
+    teacher = _embedding_teacher(recipe, log)
+    t0 = time.perf_counter()
+    teacher.precompute(list(texts))
+    log(f"[bold]teacher[/]: {len(teacher.cache)} embeddings cached in {teacher.cache.path} "
+        f"({time.perf_counter() - t0:.0f} s for this data)")
+    bs = recipe.eval.batch_size
+    suite = ee.EvalSuite.build(ee.RECIPE_SUITE["wordnet_pairs"], ee.RECIPE_SUITE["fortunes_per_class"],
+                               ee.RECIPE_SUITE["kjv_verses"])
+    suite_texts = suite.lemmas + suite.definitions + suite.kjv + (
+        suite.fortunes_train.texts + suite.fortunes_test.texts if "fortunes_probe" in recipe.eval.metrics else [])
+    teacher.precompute(suite_texts)
+    metrics = list(recipe.eval.metrics)
+    t_fast = lambda t: st_encode(teacher.model, t, bs)  # noqa: E731  uncached: what throughput times
+    t_row = ee.evaluate_embedder(suite, [m for m in metrics if m != "throughput"], teacher.encode)
+    t_row.update(parameters=count_parameters(teacher.model), source=f"{recipe.teacher.model.name} (frozen)")
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        out = run_dir / f"seed{seed}" / "distilled"
+        done = out / "result.json"
+        if resume and done.exists():
+            log(f"seed {seed} distilled: already finished, reusing {done}")
+            per_seed[seed] = json.loads(done.read_text())
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        _, train_fn = _engine()
+        parts = build_objective(recipe)
+        student = seeded_model(recipe.student.model, "student.model", seed, train)
+        if recipe.student.weights:
+            load_weights(student, recipe.student.weights, "student.weights")
+        cfg = _config(recipe.train, "train", seed=seed, progress=progress)
+        resume_here = resume and (out / "checkpoints" / "last").exists()
+        log(f"[bold]seed {seed}[/] distilled: training {recipe.student.model.name or 'student'} on {len(train)} texts "
+            f"(terms: {', '.join(t.name for t in parts.objective.terms)}){' resuming' if resume_here else ''}")
+        t1 = time.perf_counter()
+        train_fn(student, parts.objective, train, config=cfg, teacher=teacher, student_views=parts.student_views,
+                 student_inputs=recipe.student.inputs, eval_fn=None, out_dir=str(out), resume=resume_here)
+        train_s = time.perf_counter() - t1
+        student = student.cpu().eval()
+        _save_state(student, out / "student.safetensors")
+        if hasattr(student, "save"):
+            student.save(out / "model")  # SentenceTransformer(out / "model") loads it
+        enc = (lambda t, s=student: s.encode(t, bs)) if hasattr(student, "encode") else None
+        if enc is None:
+            raise RecipeError("student.model: the embedding metrics need a student with encode(texts) (an STStudent)")
+        res = ee.evaluate_embedder(suite, metrics, enc, reference=teacher.encode, fast_reference=t_fast)
+        res.update(parameters=count_parameters(student), train_s=train_s, seed=seed)
+        res.update({m: res[k] for m, k in ee.PRIMARY.items() if m in metrics and k in res})  # by metric name too
+        if "wordnet_r1" in res and t_row.get("wordnet_r1"):
+            res["r1_of_teacher"] = res["wordnet_r1"] / t_row["wordnet_r1"]
+        done.write_text(json.dumps(res, indent=2))
+        per_seed[seed] = res
+    tps = [r["reference_sent_per_s"] for r in per_seed.values() if "reference_sent_per_s" in r]
+    if tps:
+        from still.bench import mean_std
+
+        t_row["sent_per_s"] = mean_std(tps)[0]
+        t_row["x_teacher"] = 1.0
+    if "wordnet_r1" in t_row:
+        t_row["r1_of_teacher"] = 1.0
+    shown = [k for k in ("wordnet_r1", "wordnet_r10", "r1_of_teacher", "fortunes_acc", "kjv_cosine", "kjv_spearman",
+                         "sent_per_s", "x_teacher") if any(k in r for r in [t_row, *per_seed.values()])]
+    summary: dict[str, Any] = {
+        "recipe": recipe.name, "run_dir": str(run_dir), "seeds": seeds, "task": "embedding", "metrics": shown,
+        "eval_metrics": metrics,
+        "data": {"name": recipe.data.name or recipe.data.factory, "train": len(train),
+                 "test": {**ee.RECIPE_SUITE, "split": "held-out"}},
+        "latency": EMBEDDING_NOTE.format(n=ee.THROUGHPUT["texts"], bs=bs, threads=torch.get_num_threads()),
+        "final_weights": "last step (no checkpoint selection on the test split)",
+        "teacher": t_row, "distilled": _aggregate(per_seed),
+        "student_dirs": {str(s): str(run_dir / f"seed{s}" / "distilled" / "model") for s in per_seed},
+        "wall_s": time.perf_counter() - t_start,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if report:
+        from still.report import write_report
+
+        write_report(run_dir)
+    return summary
+
+
+_FORMATS = {"latency_s": (1e3, ".3f"), "parameters": (1, ",.0f"), "sent_per_s": (1, ",.0f"), "x_teacher": (1, ".1f"),
+            "reference_sent_per_s": (1, ",.0f"), "r1_of_teacher": (100, ".0f")}
+_HEADERS = {"sent_per_s": "sent/s", "x_teacher": "× teacher", "r1_of_teacher": "% teacher R@1",
+            "wordnet_r1": "WordNet R@1", "wordnet_r10": "WordNet R@10", "fortunes_acc": "fortunes probe",
+            "kjv_cosine": "KJV cos", "kjv_spearman": "KJV Spearman"}
+
+
 def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the teacher / scratch / distilled table (mean ± std over seeds)."""
     metrics = summary.get("metrics", [])
     n = len(summary.get("seeds", []))
-    header = ["model"] + metrics + ["parameters", "latency (ms/sample)"]
+    emb = summary.get("task") == "embedding"
+    header = ["model"] + [_HEADERS.get(m, m) if emb else m for m in metrics] + (
+        ["parameters"] if emb else ["parameters", "latency (ms/sample)"])
     rows = []
     labels = {"teacher": "teacher", "scratch": "student (scratch)", "distilled": "student (distilled)"}
     for v in VARIANTS:
@@ -315,11 +460,11 @@ def summary_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         s = summary[v]
         mean, std = (s, None) if v == "teacher" else (s["mean"], s["std"])
         row = [labels[v] + ("" if v == "teacher" or n < 2 else f" ×{n}")]
-        for k in metrics + ["parameters", "latency_s"]:
+        for k in metrics + (["parameters"] if emb else ["parameters", "latency_s"]):
             if k not in mean:
                 row.append("–")
                 continue
-            scale, fmt = (1e3, ".3f") if k == "latency_s" else (1, ",.0f") if k == "parameters" else (1, ".4f")
+            scale, fmt = _FORMATS.get(k, (1, ".4f"))
             val = f"{mean[k] * scale:{fmt}}"
             if std is not None and n > 1 and k != "parameters":
                 val += f" ± {std[k] * scale:{fmt}}"
@@ -346,8 +491,11 @@ def print_summary(summary: dict[str, Any], console: Any = None) -> None:
     if "delta" in summary:
         k, d = next(iter(summary["delta"].items()))
         console.print(f"distilled − scratch {k}: {d:+.4f}")
-    console.print(f"latency: {summary.get('latency', '')}")
+    console.print(f"{'evaluation' if summary.get('task') == 'embedding' else 'latency'}: {summary.get('latency', '')}")
+    if summary.get("student_dirs"):
+        console.print("students (sentence-transformers directories): " + ", ".join(summary["student_dirs"].values()))
     console.print(f"run directory: {summary['run_dir']} (report.html, summary.json)")
 
 
-__all__ = ["run_recipe", "prepare_teacher", "teacher_cache_key", "resolve_run_dir", "summary_rows", "print_summary"]
+__all__ = ["run_recipe", "prepare_teacher", "teacher_cache_key", "resolve_run_dir", "summary_rows", "print_summary",
+           "is_embedding_recipe"]

@@ -240,6 +240,31 @@ def fortunes(split: str = "train", categories: Sequence[str] = FORTUNE_CATEGORIE
                        texts, labels, classes=list(categories), keys=texts)
 
 
+def fortune_files(root: str | Path | None = None) -> list[Path]:
+    """Every fortunes text file (not `.dat` / `.u8`, not links) in the fortunes directory."""
+    base = _require(Path(root or FORTUNES_ROOT), "fortunes", "the fortunes directory")
+    return sorted(p for p in base.iterdir() if p.is_file() and not p.is_symlink() and p.suffix not in (".dat", ".u8"))
+
+
+@register_dataset("fortunes_unlabeled")
+def fortunes_unlabeled(exclude_per_class: int = 200, categories: Sequence[str] = FORTUNE_CATEGORIES,
+                       subset: int | None = None, root: str | None = None) -> TextDataset:
+    """Unlabeled fortunes from every file, for distillation text, without any item the probe may use.
+
+    Excluded: the first `exclude_per_class` items (in the probe's hash order) of each probe category,
+    which covers `fortunes(per_class=p)` for any `p <= exclude_per_class` (train and test alike).
+    `subset` keeps a fixed, nested subset (hash order).
+    """
+    files = fortune_files(root)
+    probe = {t for split in ("train", "test")
+             for t in fortunes(split, categories, per_class=exclude_per_class, root=root).texts}
+    texts = sorted({t for f in files for t in read_fortune_file(f)} - probe,
+                   key=lambda t: stable_fraction(t, "fortunes_unlabeled"))
+    if subset is not None:
+        texts = texts[:subset]
+    return TextDataset(f"fortunes_unlabeled:{exclude_per_class}:{','.join(categories)}:{subset}", texts, keys=texts)
+
+
 # -- KJV -------------------------------------------------------------------------------------------
 _VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+)\s+(.*)$")
 
@@ -288,5 +313,45 @@ def kjv_verses(split: str = "train", heldout_fraction: float = 0.1, subset: int 
                        refs=[refs[i] for i in idx])
 
 
+def distill_corpus(synsets: int | None = 8000, fortunes_n: int = 0, kjv_n: int = 0, lemmas: bool = True,
+                   max_chars: int | None = 400) -> list[str]:
+    """Distillation text (no held-out item): glosses (+ first lemmas) of `synsets` training synsets
+    (a fixed nested subset; None = all ~106k), `fortunes_n` unlabeled fortunes (probe items excluded)
+    and `kjv_n` training KJV verses (held-out verses excluded). Deduplicated, order kept; texts longer
+    than `max_chars` are dropped (they would be cut at the models' max length anyway), and so is any
+    text equal to a held-out WordNet definition or KJV verse. Lemmas are kept even when a held-out
+    synset shares them: the student sees the teacher's embedding of the word, never its held-out pair."""
+    out: list[str] = []
+    if synsets is None or synsets > 0:
+        wn = wordnet_glosses("train", subset=synsets)
+        out += wn.texts + (wn.lemmas if lemmas else [])
+    if fortunes_n:
+        out += fortunes_unlabeled(subset=fortunes_n).texts
+    if kjv_n:
+        out += kjv_verses("train", subset=kjv_n).texts
+    if max_chars is not None:
+        out = [t for t in out if len(t) <= max_chars]
+    # a text equal to a held-out definition or verse (duplicates across synsets / verses) is dropped too
+    held = set(wordnet_glosses("test", unique_lemmas=False).texts)
+    if kjv_n:
+        held.update(kjv_verses("test").texts)
+    return [t for t in dict.fromkeys(out) if t not in held]
+
+
+@register_dataset("distill_text")
+def distill_text(split: str = "train", synsets: int | None = 8000, fortunes_n: int = 0, kjv_n: int = 0,
+                 lemmas: bool = True, subset: int | None = None) -> TextDataset:
+    """Unlabeled distillation text for embedding recipes: `distill_corpus(...)` as a `TextDataset`
+    (`split="train"`; `subset` keeps its first texts); `split="test"` is the held-out WordNet
+    definitions (the embedding metrics score on their own held-out sets, not on this split)."""
+    if split == "test":
+        return wordnet_glosses("test", subset=subset)
+    if split != "train":
+        raise ValueError(f"distill_text: split must be 'train' or 'test', got {split!r}")
+    texts = distill_corpus(synsets, fortunes_n, kjv_n, lemmas)[:subset]
+    return TextDataset(f"distill_text:{synsets}:{fortunes_n}:{kjv_n}:{lemmas}:{subset}", texts, keys=texts)
+
+
 __all__ = ["TextDataset", "text_collate", "MissingDataError", "wordnet_glosses", "fortunes", "kjv_verses",
+           "fortunes_unlabeled", "fortune_files", "distill_corpus", "distill_text",
            "parse_wordnet_line", "read_fortune_file", "parse_kjv", "FORTUNE_CATEGORIES", "stable_fraction"]

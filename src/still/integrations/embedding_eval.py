@@ -113,7 +113,7 @@ class EvalSuite:
     fortunes_train: Any
     fortunes_test: Any
     kjv: list[str]
-    _kjv_cache: dict[int, torch.Tensor] = field(default_factory=dict)
+    _kjv_cache: dict[int, tuple[Any, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, wordnet_pairs: int | None = 2000, fortunes_per_class: int = 200, kjv_verses: int = 1000
@@ -127,6 +127,12 @@ class EvalSuite:
 
     def encode_kjv(self, encode: Encoder) -> torch.Tensor:
         return as_tensor(encode(self.kjv))
+
+    def reference_kjv(self, encode: Encoder) -> torch.Tensor:
+        """`encode_kjv`, computed once per encoder (the teacher's verses serve every student)."""
+        if id(encode) not in self._kjv_cache:  # the encoder is kept with it, so its id stays its own
+            self._kjv_cache[id(encode)] = (encode, self.encode_kjv(encode))
+        return self._kjv_cache[id(encode)][1]
 
     def evaluate(self, encode: Encoder, teacher_kjv: torch.Tensor | None = None, fortunes: bool = True
                  ) -> dict[str, Any]:
@@ -142,5 +148,107 @@ class EvalSuite:
         return out
 
 
+# -- recipe metrics ------------------------------------------------------------------------------
+#: sizes of the held-out sets a recipe's embedding metrics use (the benchmark's)
+RECIPE_SUITE = {"wordnet_pairs": 1000, "fortunes_per_class": 100, "kjv_verses": 500}
+#: texts and repeats of the throughput metric
+THROUGHPUT = {"texts": 128, "repeats": 3}
+#: each embedding metric's primary figure (also stored under the metric's own name)
+PRIMARY = {"wordnet_retrieval": "wordnet_r1", "fortunes_probe": "fortunes_acc", "kjv_agreement": "kjv_spearman",
+           "throughput": "sent_per_s"}
+
+
+def _metric_example() -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=g)
+
+    def enc(texts: list[str]) -> torch.Tensor:  # a toy bag-of-characters encoder
+        return torch.stack([table[[ord(c) % 50 for c in t]].mean(0) for t in texts])
+
+    words = ["cat", "dog", "tree", "car"]
+    suite = EvalSuite(words, [w + " animal thing" for w in words], None, None, [w * 2 for w in words])
+    return (suite, enc), {"reference": enc}
+
+
+def _register(name: str):
+    from still.registry import register_metric
+
+    return register_metric(name, task="embedding", example=_metric_example)
+
+
+@_register("wordnet_retrieval")
+def wordnet_retrieval_metric(suite: "EvalSuite", encode: Encoder, reference: Encoder | None = None) -> dict[str, float]:
+    """Embedding metric: held-out WordNet lemma → definition retrieval `{"wordnet_r1", "wordnet_r10"}`."""
+    r = wordnet_retrieval(encode, suite.lemmas, suite.definitions)
+    return {"wordnet_r1": r["r1"], "wordnet_r10": r["r10"]}
+
+
+@_register("fortunes_probe")
+def fortunes_probe_metric(suite: "EvalSuite", encode: Encoder, reference: Encoder | None = None) -> dict[str, float]:
+    """Embedding metric: logistic-regression probe accuracy on the 12 fortunes categories `{"fortunes_acc"}`."""
+    if suite.fortunes_train is None:
+        return {}
+    tr, te = as_tensor(encode(suite.fortunes_train.texts)), as_tensor(encode(suite.fortunes_test.texts))
+    return {"fortunes_acc": linear_probe(tr, suite.fortunes_train.labels, te, suite.fortunes_test.labels)}
+
+
+@_register("kjv_agreement")
+def kjv_agreement_metric(suite: "EvalSuite", encode: Encoder, reference: Encoder | None = None) -> dict[str, float]:
+    """Embedding metric: agreement with `reference` (the teacher) on held-out KJV verses
+    `{"kjv_spearman"[, "kjv_cosine"]}` (cosine only when the widths agree); `{}` without a reference."""
+    if reference is None:
+        return {}
+    ag = agreement(suite.encode_kjv(encode), suite.reference_kjv(reference))
+    return {k: v for k, v in (("kjv_cosine", ag["cosine"]), ("kjv_spearman", ag["spearman"])) if v is not None}
+
+
+@_register("throughput")
+def throughput_metric(suite: "EvalSuite", encode: Encoder, reference: Encoder | None = None) -> dict[str, float]:
+    """Embedding metric: sentences/s on held-out definitions (warmed up, interleaved with `reference`,
+    median of 3) `{"sent_per_s"[, "reference_sent_per_s", "x_teacher"]}`. `encode` and `reference`
+    must take the same batch size (the pipeline passes `st_encode(model, texts, batch_size)`)."""
+    texts = suite.definitions[: THROUGHPUT["texts"]]
+    enc = {"model": encode} if reference is None else {"model": encode, "reference": reference}
+    tp = throughput(enc, texts, repeats=THROUGHPUT["repeats"])
+    out = {"sent_per_s": tp["model"]}
+    if reference is not None:
+        out.update(reference_sent_per_s=tp["reference"], x_teacher=tp["model"] / tp["reference"])
+    return out
+
+
+def is_embedding_metric(name: str) -> bool:
+    """Whether METRICS entry `name` is an embedding metric (`task="embedding"`), not a logits metric."""
+    from still.registry import METRICS
+
+    return name in METRICS and METRICS.entry(name).meta.get("task") == "embedding"
+
+
+def embedding_metrics() -> list[str]:
+    from still.registry import METRICS
+
+    return [n for n in METRICS.names() if is_embedding_metric(n)]
+
+
+def evaluate_embedder(suite: "EvalSuite", metrics: Sequence[str], encode: Encoder, reference: Encoder | None = None,
+                      fast_encode: Encoder | None = None, fast_reference: Encoder | None = None
+                      ) -> dict[str, float]:
+    """The flat figures of the embedding `metrics` for one model (see each metric's keys).
+
+    `encode` / `reference` may read a cache; `fast_encode` / `fast_reference` (default: the same)
+    are the uncached paths that `throughput` times."""
+    from still.registry import METRICS
+
+    out: dict[str, float] = {}
+    for m in metrics:
+        if not is_embedding_metric(m):
+            raise ValueError(f"{m!r} is not an embedding metric; choose from {embedding_metrics()}")
+        fn = METRICS.build(m)
+        if m == "throughput":
+            out.update(fn(suite, fast_encode or encode, (fast_reference or reference) if reference else None))
+        else:
+            out.update(fn(suite, encode, reference))
+    return out
+
+
 __all__ = ["retrieval_recall", "wordnet_retrieval", "linear_probe", "agreement", "throughput", "EvalSuite",
-           "as_tensor"]
+           "as_tensor", "is_embedding_metric", "embedding_metrics", "evaluate_embedder", "RECIPE_SUITE"]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from still.data.text import text_collate
+from still.integrations import embedding_eval as _embedding_eval  # noqa: F401  registers the embedding metrics
 from still.integrations import sentence_transformers as sti  # registers the `st_teacher` factory
 from still.registry import register_model
 
@@ -223,6 +224,9 @@ def static_student(teacher: str = "minilm", dim: int = 256, init: str = "pca", m
         emb = StaticEmbedding.load(str(model2vec_path))
         if emb.embedding_dim != dim:
             raise ValueError(f"the model2vec model at {model2vec_path} has dim {emb.embedding_dim}, not {dim}")
+        # model2vec saves float16 vectors; AdamW on float16 weights underflows (eps 1e-8 is 0 in fp16,
+        # so m / (sqrt(v) + eps) becomes inf, then NaN): train in float32
+        emb.float()
     else:
         tdir = sti.resolve_model_path(teacher)
         tok_file = tdir / "tokenizer.json"
