@@ -45,9 +45,12 @@ def _labelled_example() -> tuple[tuple, dict]:
 @register_loss("ce", paper="", shape_check="none", example=_ce_example)
 def cross_entropy(student: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
                   ignore_index: int = -100) -> torch.Tensor:
-    """Cross-entropy of student logits `(B, C)` (or `(B, T, C)`) against integer labels `(B,)`/`(B, T)`."""
-    return F.cross_entropy(_rows(student), target.reshape(-1).long(),
-                           label_smoothing=label_smoothing, ignore_index=ignore_index)
+    """Cross-entropy of student logits `(B, C)` (or `(B, T, C)`) against integer labels `(B,)`/`(B, T)`,
+    mean over the labels that are not `ignore_index` (0 with a zero gradient when every label is ignored)."""
+    y = target.reshape(-1).long()
+    total = F.cross_entropy(_rows(student), y, label_smoothing=label_smoothing, ignore_index=ignore_index,
+                            reduction="sum")
+    return total / (y != ignore_index).sum().clamp_min(1)
 
 
 def _kl_mean(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
