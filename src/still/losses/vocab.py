@@ -37,10 +37,25 @@ def _vocab(tok: Any) -> dict[str, int]:
     raise TypeError(f"expected a tokenizer with get_vocab() or a token→id mapping, got {type(tok).__name__}")
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
+def _digest(tok: Any, extra: tuple[str, ...] = ()) -> str:
+    items = sorted(_vocab(tok).items(), key=lambda kv: (kv[1], kv[0]))
+    h = hashlib.sha256(json.dumps(items, ensure_ascii=False).encode())
+    for e in extra:
+        h.update(e.encode())
+    return h.hexdigest()[:16]
+
+
 def vocab_hash(tok: Any) -> str:
     """sha256 (hex, 16 chars) of the sorted (token, id) pairs of a tokenizer (or a token→id dict)."""
-    items = sorted(_vocab(tok).items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+    return _digest(tok)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """`vocab_hash` extended by the special-token ids (bos/eos/pad/unk): what a teacher store or cache records."""
+    return _digest(tokenizer, tuple(f"{a}={getattr(tokenizer, a, None)}" for a in SPECIAL_IDS))
 
 
 def real_vocab_size(tok: Any) -> int:
