@@ -15,8 +15,8 @@ from torch import nn
 
 from still.registry import register_loss
 
-ARRA_PAPER = "Xie et al. Unleashing the Potential of LLMs for Text-to-Image Generation via Autoregressive " \
-             "Representation Alignment (ARRA, AAAI 2026)"
+ARRA_PAPER = "Xie et al. Unleashing the Potential of Large Language Models for Text-to-Image Generation through " \
+             "Autoregressive Representation Alignment (ARRA, AAAI 2026)"
 
 
 def gva_cosine(aligned: torch.Tensor, global_feature: torch.Tensor) -> torch.Tensor:
