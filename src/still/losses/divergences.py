@@ -26,8 +26,10 @@ result is fp32. Conventions (p_t teacher, p_s student, both softened by T):
 - sparse_topk_kl  teacher given as top-k ids + log-probs (see `sparse_topk_rows`)
 - dac_kl      `DACKL` module (learnable adaptive clipping of the teacher distribution)
 
-TopKLD (Dissecting Bit-Level Scaling Laws..., 2025) is not implemented: its formula could not be pinned
-down from the paper text available (no code released).
+TopKLD (Dissecting Bit-Level Scaling Laws in Quantizing Vision Generative Models, 2025) is not implemented:
+its formula could not be pinned down. Only the abstract is available here ("balancing implicit and explicit
+knowledge"), no code was released, and searches of stored papers, code and issues found no formula; a
+guessed top-k/tail split would be a different loss under the paper's name.
 """
 
 from __future__ import annotations
