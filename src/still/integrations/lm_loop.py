@@ -130,7 +130,11 @@ def record_topk(teacher: Teacher, data: Any, path: str | Path, k: int = 32, coll
 class TopKCacheTeacher(Teacher):
     """Serves `"topk"` (`TopKLogits`) for `batch["index"]` from `record_topk`'s files; no model loaded.
 
-    Refuses a cache whose manifest names another teacher or data fingerprint than the ones expected."""
+    Refuses a cache whose manifest names another teacher or data fingerprint than the ones expected.
+    Why this is not `still.teachers.store` (yet): the store records dense views and takes the top-k of a
+    `(B, T, V)` logits tensor per batch, while `record_topk` keeps the teacher's chunked top-k (no
+    `(B, T, V)` tensor, which matters at V = 262k); once the store accepts an already top-k view this
+    becomes `write_store(views=["topk"])` + `StoreTeacher`. Both serve the same `TopKLogits` type."""
 
     def __init__(self, path: str | Path, teacher_fingerprint: str | None = None,
                  data_fingerprint: str | None = None) -> None:
