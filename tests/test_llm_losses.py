@@ -143,6 +143,30 @@ def test_span_kd_matches_naive(chunk):
         torch.testing.assert_close(a, b.float(), rtol=5e-4, atol=1e-6)
     dense = span_kd(h @ w.t(), th @ tw.t(), spans)
     assert float(dense) == pytest.approx(float(ref), rel=5e-4)
+    mixed = span_kd(LMHeadOutputs(h, w), th @ tw.t(), spans, chunk_size=chunk)  # fused student, cached teacher
+    assert float(mixed) == pytest.approx(float(ref), rel=5e-4)
+
+
+@pytest.mark.parametrize("div", ["jsd", "reverse_kl", "tvd"])
+def test_topk_teacher_other_divergences_tempered_like_logits(div):
+    """A top-k teacher with a divergence other than forward KL: densified (missing mass uniform), then
+    treated as teacher logits (1/T applies), fused student (engine) == dense student == naive."""
+    g = torch.Generator().manual_seed(6)
+    B, T, H, V, k = 2, 6, 4, 13, 5
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    lp = torch.log_softmax(torch.randn(B, T, V, generator=g), -1)
+    vals, idx = lp.topk(k, -1)
+    dense_t = topk_to_logprobs(idx.reshape(-1, k), vals.reshape(-1, k), V).view(B, T, V)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    got = lm_kd(LMHeadOutputs(h, w), topk_logits(idx, vals, V), labels=labels, divergence=div, temperature=2.0,
+                ce_weight=0.2, chunk_size=4)
+    ref = _naive_lm_kd(h @ w.t(), dense_t, labels, div, 0.2, V, temperature=2.0)
+    assert float(got) == pytest.approx(float(ref), rel=5e-4, abs=1e-6)
+    for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(ref, [h, w])):
+        torch.testing.assert_close(a, b.float(), rtol=5e-4, atol=1e-5)
+    flat = lm_kd(h @ w.t(), topk_logits(idx, vals, V), labels=labels, divergence=div, temperature=2.0, ce_weight=0.2)
+    assert float(flat) == pytest.approx(float(ref), rel=5e-4, abs=1e-6)
 
 
 def test_word_span_ids():
