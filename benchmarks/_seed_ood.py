@@ -130,13 +130,16 @@ def results(b: Budget, seeds: list[int]) -> tuple[dict[str, list[float]], dict[s
 
 
 def _verdict(sm: float, ss: float, km: float, ks: float, mm: float, ms: float, n: int) -> str:
+    """Higher is better; "beats" = the means differ by more than the two stds together."""
     if n < 2:
         return "no verdict (1 seed)"
+    vs_scratch = ("beats scratch" if mm > sm + ss + ms else "below scratch" if mm < sm - ss - ms
+                  else "ties scratch (within std)")
     if mm > km + ks + ms:
-        return "beats plain KD" + (", but below scratch" if mm < sm - ss - ms else "")
+        return "beats plain KD; " + vs_scratch
     if mm >= km - ks - ms:
-        return "ties plain KD (within std)"
-    return "does not beat plain KD here"
+        return "ties plain KD (within std); " + vs_scratch
+    return "does not beat plain KD here; " + vs_scratch
 
 
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[dict[str, Any]]:

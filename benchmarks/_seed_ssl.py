@@ -81,13 +81,17 @@ def results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
 
 
 def _verdict(sm: float, ss: float, km: float, ks: float, mm: float, ms: float, n: int) -> str:
+    """Higher is better; "beats" = the means differ by more than the two stds together."""
     if n < 2:
         return "no verdict (1 seed)"
+    vs_scratch = ("beats the untrained encoder" if mm > sm + ss + ms
+                  else "below the untrained encoder" if mm < sm - ss - ms
+                  else "ties the untrained encoder (within std)")
     if mm > km + ks + ms:
-        return "beats plain DINO" + (", but below the untrained encoder" if mm < sm - ss - ms else "")
+        return "beats plain DINO; " + vs_scratch
     if mm >= km - ks - ms:
-        return "ties plain DINO (within std)"
-    return "does not beat plain DINO here"
+        return "ties plain DINO (within std); " + vs_scratch
+    return "does not beat plain DINO here; " + vs_scratch
 
 
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[dict[str, Any]]:

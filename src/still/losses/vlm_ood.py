@@ -60,7 +60,7 @@ def _ex_pair() -> tuple[tuple, dict]:
 
 @register_loss("image_embed_mse", paper=OOD_VLM_PAPER, example=_ex_pair)
 def image_embed_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """mean_i ‖v̂_i − v̂*_i‖² over L2-normalised embeddings: `(B, D), (B, D) -> ()`; `mask` (B,) keeps samples."""
+    """mean_i ‖v̂_i − v̂*_i‖² over L2-normalised embeddings: `(B, D), (B, D) -> ()`; `mask` (B,) keeps rows."""
     d = (F.normalize(student.float(), dim=1) - F.normalize(teacher.float().to(student.device), dim=1)).pow(2).sum(1)
     if mask is not None:
         if not bool(mask.any()):
@@ -80,7 +80,7 @@ def _ex_ood() -> tuple[tuple, dict]:
 def ood_vlm(student: torch.Tensor, teacher: Sequence[torch.Tensor], labels: torch.Tensor, w_ce: float = 1.0,
             w_mse: float = 1.0, w_contrastive: float = 1.0, scale: float = 30.0, temperature: float = 0.05,
             filter_wrong: bool = False) -> torch.Tensor:
-    """w_ce·CE(text-anchored) + w_mse·MSE(v, v*) + w_contrastive·InfoNCE(v, v*), optionally on teacher-correct samples.
+    """w_ce·CE(text-anchored) + w_mse·MSE(v, v*) + w_contrastive·InfoNCE(v, v*) [on teacher-correct samples].
 
     student `v (B, D)`; teacher `[v* (B, D), text (C, D), teacher_logits (B, C)]`; labels `(B,)`.
     The text embeddings are the teacher's (its text tower on the class prompts).
