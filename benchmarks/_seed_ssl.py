@@ -5,7 +5,7 @@ embedding on the test split with the training images as the memory. Mean ± std 
 
 Columns: scratch = the same encoder untrained (random init, same seed); "plain KD" = plain DINO
 (student on a random region crop, EMA teacher on the whole image, centring, CLS pooling); method =
-MMC (50 % masked student, global + global→local + contrast; no MIM term) or CMD (gated-attention MIL
+MMC (50 % masked student, MIM + global + global→local + contrast) or CMD (gated-attention MIL
 pooling, intra- and inter-level terms). Same data, epochs, batch, lr, EMA decay (0.99) and
 temperatures (0.1 / 0.04) for all.
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from still import LOSSES, MODELS
-from still.losses.momentum_sd import DINOLoss, cmd_inter_student, dino_ce
+from still.losses.momentum_sd import DINOLoss, cmd_inter_student, dino_ce, masked_patch_mse
 from still.methods.base import build_method
 
 
@@ -69,6 +69,35 @@ def test_cmd_inter_student_stops_gradient_on_the_image_level():
     torch.testing.assert_close(v, dino_ce(reg, img, None))
     gr, gi = torch.autograd.grad(v, [reg, img], allow_unused=True)
     assert gr is not None and (gi is None or torch.all(gi == 0))
+
+
+def test_masked_patch_mse_vs_naive_and_mask_view(one_thread):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 4, 6, generator=g)
+    recon = torch.randn(2, 6, 4, generator=g, requires_grad=True)
+    mask = torch.tensor([[1, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 1]], dtype=torch.float)
+    tot, n = 0.0, 0
+    for b in range(2):
+        for k in range(6):
+            if mask[b, k]:
+                r, c = divmod(k, 3)
+                tot = tot + ((recon[b, k] - x[b, 0, 2 * r:2 * r + 2, 2 * c:2 * c + 2].reshape(-1)) ** 2).mean()
+                n += 1
+    a = masked_patch_mse([recon, mask], x, patch=2)
+    torch.testing.assert_close(a, tot / n)
+    ga, gb = torch.autograd.grad(a, recon)[0], torch.autograd.grad(tot / n, recon)[0]
+    torch.testing.assert_close(ga, gb)
+    assert float(masked_patch_mse([recon, torch.zeros(2, 6)], x, patch=2).detach()) == 0.0
+    # the model's mask view is the mask it applied (training mode only)
+    from still.taps import forward_with_views
+
+    torch.manual_seed(0)
+    m = MODELS.build("ssl_vit_tiny", mask_ratio=0.5).train()
+    _, v = forward_with_views(m, torch.randn(3, 1, 28, 28), {"mask": "mask_out", "recon": "recon_out"})
+    assert v["mask"].shape == (3, 16) and 0 < float(v["mask"].sum()) < 48 and v["recon"].shape == (3, 16, 49)
+    m.eval()
+    _, v = forward_with_views(m, torch.randn(3, 1, 28, 28), {"mask": "mask_out"})
+    assert float(v["mask"].sum()) == 0
 
 
 def test_gated_attention_mil_formula():

@@ -6,6 +6,8 @@ Both papers are RECONSTRUCTED FROM THE ABSTRACT (catalog tags [A + R]): no code,
   mean over B (and N). The teacher side is a constant (no gradient).
 - `dino` (stateful): the same with the centre c (K,) kept as an EMA of the teacher's batch means,
   c ← m·c + (1 − m)·mean_b t_b, updated after the loss in training mode (DINO's centring, m = 0.9).
+- `masked_patch_mse`: MMC's masked image modelling term, MSE between the predicted and the true pixels
+  of the masked patches only (SimMIM/MAE-style pixel targets: an [R] reading of "masked image modelling").
 - `cmd_inter_student`: CMD's inter-level term inside the student: the student's own image-level
   distribution (stop-gradient, sharpened) as the target of its region-level one.
 """
@@ -85,3 +87,27 @@ def cmd_inter_student(student: Sequence[torch.Tensor], student_temp: float = 0.1
     """student = [region logits (B, K), image logits (B, K)]: H(softmax(sg(image)/τ_t), softmax(region/τ_s))."""
     region, image = student
     return dino_ce(region, image.detach(), None, student_temp, teacher_temp)
+
+
+def _ex_mim() -> tuple[tuple, dict]:
+    g = torch.Generator().manual_seed(2)
+    mask = torch.zeros(2, 4)
+    mask[:, :2] = 1
+    return ([torch.randn(2, 4, 4, generator=g, requires_grad=True), mask], torch.randn(2, 1, 4, 4, generator=g)), \
+        {"patch": 2}
+
+
+@register_loss("masked_patch_mse", paper=MMC_PAPER, shape_check="none", example=_ex_mim)
+def masked_patch_mse(student: Sequence[torch.Tensor], target: torch.Tensor, patch: int = 7) -> torch.Tensor:
+    """student = [recon (B, N, C·p²), mask (B, N)], target image (B, C, H, W): mean over masked patches and
+    pixels of (recon − patch)², raster-order p×p patches; 0 when nothing is masked."""
+    recon, mask = student
+    b, c, h, w = target.shape
+    tgt = target.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    tgt = tgt.reshape(b, (h // patch) * (w // patch), c * patch * patch).to(recon.device, recon.dtype)
+    if tgt.shape != recon.shape:
+        raise ValueError(f"masked_patch_mse: recon {tuple(recon.shape)} vs target patches {tuple(tgt.shape)}")
+    m = mask.to(recon.device).float()
+    if float(m.sum()) == 0:
+        return recon.sum() * 0.0
+    return ((recon - tgt).pow(2).mean(-1) * m).sum() / m.sum()

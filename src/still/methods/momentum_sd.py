@@ -9,8 +9,8 @@ engine after every step), built by `wrap_teacher`; the centring is the `dino` lo
 - `mmc`: the student sees the image with a fraction of its patches masked (`ssl_vit_tiny(mask_ratio=…)`
   masks in training mode; the EMA copy, in eval mode, sees the full image). Terms: global
   H(t_img, s_img) + momentum global→local H(t_img, s_patch) for every patch token + global contrast
-  (InfoNCE between the student's and the teacher's pooled embeddings). The MIM term of the abstract
-  (masked-patch reconstruction) is NOT built.
+  (InfoNCE between the student's and the teacher's pooled embeddings) + MIM (the student's pixel head
+  reconstructs its masked patches: `masked_patch_mse`, target the batch's `x`).
 - `cmd`: student and teacher use gated-attention MIL pooling (`ssl_vit_tiny(pool="mil")`) and see the
   image and a region crop. Intra-level: H(t_img, s_img) + H(t_reg, s_reg); inter-level: inside the
   teacher, its image-level distribution supervises the student's region (H(t_img, s_reg)); inside the
@@ -91,17 +91,19 @@ def dino_sd(decay: float = 0.99, student_temp: float = 0.1, teacher_temp: float 
 
 @register_method("mmc", paper=MMC_PAPER)
 def mmc(decay: float = 0.99, student_temp: float = 0.1, teacher_temp: float = 0.04, w_local: float = 1.0,
-        w_contrast: float = 1.0, contrast_temp: float = 0.1) -> MethodSpec:
-    """MMC (reconstructed from the abstract): masked student; global + global→local momentum SD + global contrast."""
-    views = {"img": "img_out", "patch": "patch_out", "embed": "embed_out"}
+        w_contrast: float = 1.0, contrast_temp: float = 0.1, w_mim: float = 1.0, patch: int = 7) -> MethodSpec:
+    """MMC (reconstructed from the abstract): masked student; MIM + global + global→local momentum SD + contrast."""
+    views = {"img": "img_out", "patch": "patch_out", "embed": "embed_out", "recon": "recon_out", "mask": "mask_out"}
     return MethodSpec(
         terms=[_dino("global", "img", "img", student_temp, teacher_temp),
                _dino("local", "patch", "img", student_temp, teacher_temp, w_local),
                {"name": "contrast", "loss": "teacher_infonce", "params": {"temperature": contrast_temp},
-                "student": "embed", "teacher": "embed", "weight": w_contrast}],
+                "student": "embed", "teacher": "embed", "weight": w_contrast},
+               {"name": "mim", "loss": "masked_patch_mse", "params": {"patch": patch},
+                "student": ["recon", "mask"], "target": "x", "weight": w_mim}],
         student_views=dict(views), teacher_views={"img": "img_out", "embed": "embed_out"},
         wrap_teacher=_ema({"img": "img_out", "embed": "embed_out"}, decay, ["x"]),
-        notes="reconstructed from the abstract; student: ssl_vit_tiny(mask_ratio>0); the MIM term is not built",
+        notes="reconstructed from the abstract; student: ssl_vit_tiny(mask_ratio>0)",
     )
 
 

@@ -4,7 +4,8 @@ MIL pooling, a DINO-style projection head, optional random patch masking in trai
 `ssl_vit_tiny`: forward(x (B, C, H, W), region=None) → image-level head logits (B, K).
 Taps: `img_out` (B, K) image-level logits, `patch_out` (B, N, K) per-patch logits (the head applied to
 every patch token), `reg_out` (B, K) logits of the `region` input (a crop, resized to the image size;
-only when given), `embed_out` (B, d) the pooled embedding (for kNN probes).
+only when given), `embed_out` (B, d) the pooled embedding (for kNN probes), `recon_out` (B, N, C·p²)
+pixel predictions of every patch (MMC's MIM head) and `mask_out` (B, N) the student's patch mask (1 = masked).
 `pool="mil"`: the image embedding is the gated-attention MIL pooling of the patch tokens
 (Ilse et al. 2018): a = softmax_k(wᵀ(tanh(V h_k) ⊙ σ(U h_k))), z = Σ_k a_k h_k; `pool="cls"`: the CLS token.
 `mask_ratio` > 0: in training mode that fraction of patch tokens is replaced by a learned mask token
@@ -52,15 +53,20 @@ class SSLViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mil = GatedAttentionMIL(dim) if pool == "mil" else None
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, out_dim))
+        self.pixel_head = nn.Linear(dim, c * patch * patch)
         self.pool, self.mask_ratio = pool, float(mask_ratio)
         self.img_out, self.patch_out, self.reg_out, self.embed_out = (nn.Identity() for _ in range(4))
+        self.recon_out, self.mask_out = nn.Identity(), nn.Identity()
+        self._last_mask: torch.Tensor | None = None
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x → (pooled embedding (B, d), patch tokens (B, N, d))."""
         t = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, d)
+        m = torch.zeros(t.shape[:2], dtype=torch.bool, device=t.device)
         if self.training and self.mask_ratio > 0:
             m = torch.rand(t.shape[:2], device=t.device) < self.mask_ratio
             t = torch.where(m.unsqueeze(-1), self.mask_token.expand_as(t), t)
+        self._last_mask = m
         t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos
         t = self.norm(self.blocks(t))
         patches = t[:, 1:]
@@ -68,8 +74,10 @@ class SSLViT(nn.Module):
 
     def forward(self, x: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
         z, patches = self.encode(x)
+        self.mask_out(self._last_mask.float())
         self.embed_out(z)
         self.patch_out(self.head(patches))
+        self.recon_out(self.pixel_head(patches))
         if region is not None:
             self.reg_out(self.head(self.encode(region)[0]))
         return self.img_out(self.head(z))
