@@ -70,6 +70,8 @@ def _as_list(ref: ViewRef) -> list[str]:
 
 
 def _pick(views: Mapping[str, Any], ref: ViewRef, side: str, term: str) -> Any:
+    if type(ref) is str and ref in views:  # the common case, on the hot path
+        return views[ref]
     names = _as_list(ref)
     missing = [n for n in names if n not in views]
     if missing:
@@ -128,9 +130,9 @@ class Objective(nn.Module):
         # plain attributes: written straight into __dict__, skipping nn.Module.__setattr__ (called every step)
         d = self.__dict__
         d["step"], d["total_steps"] = int(step), max(int(total_steps), 1)
-        for m in self.losses.values():
+        for m in self._modules["losses"].values():
             if hasattr(m, "set_progress"):
-                m.set_progress(self.step, self.total_steps)
+                m.set_progress(d["step"], d["total_steps"])
 
     def weights(self) -> dict[str, float]:
         """Effective weight of every term at the current step."""
@@ -142,9 +144,10 @@ class Objective(nn.Module):
 
     # -- the sum ---------------------------------------------------------------------------
     def _adapt(self, t: Term, s: Any, tv: Any) -> Any:
-        if t.name not in self.adapters:
+        adapters = self._modules["adapters"]
+        if t.name not in adapters:
             return s
-        ad = self.adapters[t.name]
+        ad = adapters[t.name]
         if isinstance(ad, nn.ModuleList):
             like = tv if isinstance(tv, (list, tuple)) else [tv] * len(s)
             return [a(x, y) for a, x, y in zip(ad, s, like)]

@@ -219,6 +219,11 @@ def forward_with_views(
 ) -> tuple[Any, dict[str, Any]]:
     """Run `model` on `batch` and return `(output, {view_name: tensor})`."""
     specs = {n: TapSpec.parse(s) for n, s in views.items()}
+    if len(specs) == 1:  # one view, the common case on the hot path
+        (n, s), = specs.items()
+        if not (s.path or s.input or s.keys):  # the model's own output: no hooks, no keys
+            out = call_model(model, batch, inputs)
+            return out, {n: out.detach() if detach and isinstance(out, torch.Tensor) else out}
     hooked = {n: s for n, s in specs.items() if s.path or s.input}
     if hooked:
         with Taps(model, hooked, detach=detach) as taps:

@@ -204,6 +204,9 @@ def make_loader(
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Every tensor in a (nested) dict/list batch moved to `device`."""
+    if isinstance(device, torch.device) and device.type == "cpu" and type(batch) is dict \
+            and all(type(v) is torch.Tensor and v.is_cpu for v in batch.values()):
+        return dict(batch)  # a flat batch already on the CPU (the engine's CPU hot path): nothing to move
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, Mapping):

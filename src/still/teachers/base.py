@@ -72,14 +72,17 @@ class LiveTeacher(Teacher):
         self.inputs = inputs
         self._fp: str | None = None
 
-    @torch.no_grad()
     def views(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
-        self._check_names(names)
+        specs = self.view_specs
+        try:
+            wanted = {n: specs[n] for n in names}
+        except KeyError:
+            self._check_names(names)
+            raise
         if self.model.training:  # someone called .train() on the wrapped model
             self.model.eval()
-        _, v = forward_with_views(
-            self.model, batch, {n: self.view_specs[n] for n in names}, inputs=self.inputs, detach=True
-        )
+        with torch.no_grad():
+            _, v = forward_with_views(self.model, batch, wanted, inputs=self.inputs, detach=True)
         return v
 
     def fingerprint(self) -> str:
