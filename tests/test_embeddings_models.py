@@ -200,3 +200,20 @@ def test_st_teacher_records_into_the_teacher_signal_store(tmp_path, teacher):
     batch = text_collate([ds[i] for i in (5, 0, 7)])
     got = served.views(batch, ["embedding"])["embedding"]
     torch.testing.assert_close(got, t.encode([TEXTS[5], TEXTS[0], TEXTS[7]]), rtol=1e-5, atol=1e-6)
+
+
+def test_model2vec_init_trains_in_float32_without_nan(tmp_path, teacher):
+    """model2vec saves float16 vectors; the student casts them to float32 (AdamW on fp16 weights gave NaN)."""
+    from sentence_transformers.sentence_transformer.modules.static_embedding import StaticEmbedding
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(sti.minilm_path() / "tokenizer.json"))
+    w = (torch.randn(tok.get_vocab_size(), 16, generator=torch.Generator().manual_seed(0)) / 4).half()
+    (tmp_path / "m2v").mkdir()
+    StaticEmbedding(tok, embedding_weights=w).save(str(tmp_path / "m2v"))
+    s = static_student("minilm", dim=16, init="model2vec", model2vec_path=str(tmp_path / "m2v"))
+    assert s.st[0].embedding.weight.dtype == torch.float32
+    obj = Objective(multi_teacher_terms({"embedding": 1.0}, student="embedding", loss="embedding_cosine"))
+    res = sti.distill_embeddings(s, obj, TEXTS * 4, teacher, epochs=2, batch_size=8, lr=3e-3, weight_decay=0.0)
+    assert all(np.isfinite(h["total"]) for h in res["history"])
+    assert torch.isfinite(s.st[0].embedding.weight).all()

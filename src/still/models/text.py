@@ -210,8 +210,8 @@ def static_student(teacher: str = "minilm", dim: int = 256, init: str = "pca", m
     """A static (bag-of-tokens) student on the teacher's tokenizer: mean of per-token vectors `(V, dim)`.
 
     `init`: "pca" (the teacher's input token embeddings reduced to `dim` by PCA, rescaled to unit
-    mean norm), "model2vec" (the vectors of a model2vec model at `model2vec_path`, e.g. one made by
-    `model2vec.distill`, with its tokenizer), or "random".
+    mean norm), "model2vec" (the vectors of a model2vec model at `model2vec_path`, with its tokenizer;
+    without a path, `model2vec.distill` of the teacher at `dim`, made once and cached), or "random".
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules.normalize import Normalize
@@ -220,7 +220,7 @@ def static_student(teacher: str = "minilm", dim: int = 256, init: str = "pca", m
 
     if init == "model2vec":
         if model2vec_path is None:
-            raise ValueError("static_student(init='model2vec') needs model2vec_path (a saved model2vec model)")
+            model2vec_path = str(model2vec_distilled(teacher, dim))
         emb = StaticEmbedding.load(str(model2vec_path))
         if emb.embedding_dim != dim:
             raise ValueError(f"the model2vec model at {model2vec_path} has dim {emb.embedding_dim}, not {dim}")
@@ -247,6 +247,33 @@ def static_student(teacher: str = "minilm", dim: int = 256, init: str = "pca", m
     return STStudent(SentenceTransformer(modules=mods, device="cpu"))
 
 
+def model2vec_distilled(teacher: str = "minilm", dim: int = 256) -> Path:
+    """`model2vec.distill(teacher, pca_dims=dim)` saved under `~/.cache/still/models/model2vec-<hash>-<dim>`
+    (made once, minutes on a CPU; reused afterwards)."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    tdir = sti.resolve_model_path(teacher)
+    key = hashlib.sha256(str(tdir.resolve()).encode()).hexdigest()[:12]
+    out = sti.DEFAULT_CACHE / "models" / f"model2vec-{key}-{dim}"
+    if (out / "modules.json").exists() or (out / "config.json").exists():
+        return out
+    try:
+        from model2vec.distill import distill
+    except ImportError as exc:
+        raise ImportError("init='model2vec' without model2vec_path needs model2vec[distill]: "
+                          "pip install 'model2vec[distill]'") from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        distill(model_name=str(tdir), pca_dims=dim, device="cpu").save_pretrained(tmp + "/m")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp + "/m", out)
+    return out
+
+
 @register_model("st_model")
 def st_model(path: str = "minilm", device: str = "cpu") -> STStudent:
     """Any sentence-transformers model directory (or 'minilm' / 'mpnet') as a trainable student."""
@@ -258,4 +285,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["STStudent", "layer_dropped_student", "static_student", "st_model", "pca_reduce", "every_other",
-           "count_parameters"]
+           "count_parameters", "model2vec_distilled"]
