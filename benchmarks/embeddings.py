@@ -63,6 +63,8 @@ class Config:
     throughput_texts: int = 128
     model2vec: bool = True
     mpnet: bool = True
+    seed_start: int = 0           # > 0: add seeds seed_start..seeds-1 to the part's saved rows (see --seed-start)
+    six_layer: bool = True        # the MPNet 6-layer row (False: keep its saved figures)
     threads: int = 1
 
 
@@ -139,6 +141,12 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
     from still.models.text import count_parameters, layer_dropped_student, static_student
 
     kjv_t = {"minilm": suite.encode_kjv(minilm.encode)}
+    tag = "quick" if quick else part
+    prev_file = CACHE / "bench" / f"embeddings_{tag}.json"
+    # --seed-start: the saved rows' earlier seeds are kept (their quality figures; throughput is re-measured
+    # for the rows run here) and rows not run here are carried over as they were saved
+    prev_d = json.loads(prev_file.read_text()) if cfg.seed_start and prev_file.exists() else {}
+    prev = prev_d.get("results", {})
     results: dict[str, dict] = {}   # name -> {"runs": [metrics], "params": int, "encode": fn, "teacher": str}
 
     def record(name, metrics, params, encode, teacher, seconds=None):
@@ -155,11 +163,18 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         saved = {k: {"runs": v["runs"], "params": v["params"], "train_s": v["train_s"],
                      "sent_per_s": tp[k] if tp else None, "x_minilm": tp[k] / tp[base] if tp else None}
                  for k, v in results.items()}
+        for k, v in prev.items():
+            if k not in saved:
+                saved[k] = {**v, "carried": True}
+            elif v["train_s"] and saved[k]["train_s"]:  # a trained row: earlier seeds first
+                saved[k] = {**saved[k], "runs": v["runs"] + saved[k]["runs"],
+                            "train_s": v["train_s"] + saved[k]["train_s"]}
         out_dir = CACHE / "bench"
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"embeddings_{'quick' if quick else part}.json").write_text(json.dumps(
             {"results": saved, "enc": enc, "seconds": time.perf_counter() - t_start, "complete": tp is not None,
-             "cfg": asdict(cfg), "argv": " ".join(["python", "benchmarks/embeddings.py", *sys.argv[1:]])}))
+             "cfg": asdict(cfg), "argv": " ".join(["python", "benchmarks/embeddings.py", *sys.argv[1:]]),
+             "prev_argv": ([prev_d.get("argv")] + prev_d.get("prev_argv", [])) if prev_d else []}))
 
     record("all-MiniLM-L6-v2 (teacher)", suite.evaluate(minilm.encode), count_parameters(minilm.model),
            lambda t: sti.st_encode(minilm.model, t, cfg.batch_size), "minilm")
@@ -183,7 +198,7 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
 
     def train_eval(name, make, teachers, tview, texts_, epochs, lr, bs, head_cosine, teacher_obj, wd=0.01,
                    fortunes=True, kl=1.0, rel=1.0):
-        for seed in range(cfg.seeds):
+        for seed in range(cfg.seed_start, cfg.seeds):
             torch.manual_seed(seed)
             student = make()
             obj = objective_for(teachers, head_cosine, kl, rel)
@@ -216,9 +231,10 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
                count_parameters(mpnet.model), lambda t: sti.st_encode(mpnet.model, t, cfg.batch_size), "mpnet")
         both = sti.TeacherGroup([minilm, mpnet])
         # (3) a 6-layer student (MiniLM's architecture and init) distilled from MPNet
-        train_eval("still 6-layer ← MPNet", lambda: layer_dropped_student("minilm", keep=list(range(6))),
-                   {"mpnet": 1.0}, "mpnet", texts["mpnet"], cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, False, mpnet,
-                   fortunes=False)
+        if cfg.six_layer:
+            train_eval("still 6-layer ← MPNet", lambda: layer_dropped_student("minilm", keep=list(range(6))),
+                       {"mpnet": 1.0}, "mpnet", texts["mpnet"], cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, False,
+                       mpnet, fortunes=False)
         # (4) single vs multi teacher, same 3-layer student and data
         for label, tw, tv, tobj in [("MiniLM", {"minilm": 1.0}, "minilm", minilm), ("MPNet", {"mpnet": 1.0}, "mpnet", mpnet),
                                     ("MiniLM + MPNet", {"minilm": 0.5, "mpnet": 0.5}, "mpnet", both)]:
@@ -229,7 +245,6 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
     tp_texts = suite.definitions[: cfg.throughput_texts]
     tp = throughput({k: v["encode"] for k, v in results.items()}, tp_texts, repeats=3)
     save(tp)
-    tag = "quick" if quick else part
     merge_and_report(cfg, [tag] if quick or part == "all" else ["minilm", "mpnet"], enc, quick)
 
 
@@ -255,7 +270,8 @@ def merge_and_report(cfg: Config, parts: list[str], enc: dict, quick: bool) -> N
     for p in parts:
         f = out_dir / f"embeddings_{p}.json"
         if f.exists():
-            cmds.append(json.loads(f.read_text()).get("argv") or f"python benchmarks/embeddings.py --part {p}")
+            d = json.loads(f.read_text())
+            cmds += [c for c in d.get("prev_argv", []) if c] + [d.get("argv") or f"python benchmarks/embeddings.py --part {p}"]
     report(cfg, merged, enc, quick, secs, cmds)
 
 
@@ -323,8 +339,8 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
     setup = (f"Training text: glosses + first lemmas of {cfg.n_train} (static), {cfg.n_train_tf} (transformer) and "
              f"{cfg.n_train_mpnet} (MPNet / multi-teacher) training WordNet synsets (fixed nested subsets of the "
              f"106k; the 2-core shared CPU makes the full set too slow), plus for the static students "
-             f"{getattr(cfg, 'static_fortunes', 0)} unlabeled fortunes drawn from all fortunes files with every item "
-             f"the probe may use removed (`still.data.text.distill_corpus`; texts equal to a held-out definition or "
+             f"the first {getattr(cfg, 'static_fortunes', 0)} unlabeled fortunes (hash order; those over 400 characters "
+             f"then dropped, ~5.5k remain) drawn from all 43 fortunes files with every item the probe may use removed (`still.data.text.distill_corpus`; texts equal to a held-out definition or "
              f"verse are dropped too). Held-out: {cfg.eval_pairs} WordNet synsets "
              f"(one per lemma, never trained on) for lemma → definition retrieval among all {cfg.eval_pairs} "
              f"definitions; 12 fortunes categories (≤ {cfg.fortunes_per_class} per class, 75/25 split, logistic "
@@ -340,10 +356,14 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
              f"({cfg.mpnet_epochs} for the MPNet / multi-teacher runs), AdamW lr {cfg.tf_lr}, batch {cfg.batch_size}. The "
              f"MPNet teacher and the MPNet 6-layer students skip the fortunes probe (CPU time). Mean ± std over the seeds counted in the last column "
              f"(seed = shuffle order and heads; the inits are deterministic). '× MiniLM' is relative to MiniLM timed "
-             f"in the same process (the MiniLM-teacher rows and the MPNet rows come from two processes run side by "
-             f"side on a CPU shared with other jobs, so absolute sent/s differ between them). Longest part "
+             f"in the same process (the MiniLM-teacher rows and the MPNet rows come from separate processes, the "
+             f"parts, run at different times on a CPU shared with other jobs, so absolute sent/s differ between them). Longest part "
              f"{total_s / 60:.1f} min; teacher embeddings come from the on-disk cache "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in enc.items())} to read/encode in this run).")
+    carried = [n for n, r in results.items() if r.get("carried")]
+    if carried:
+        setup += (" Rows whose figures (quality and throughput) were carried over from an earlier run of their part, "
+                  "not rerun: " + "; ".join(carried) + ".")
     md = "\n".join([("**Quick smoke run (tiny subsets, 1 seed): not the benchmark's figures.**\n" if quick else ""),
                      table, "", "Goals (issue 5):", *goals, "", setup])
     if commands:
@@ -359,11 +379,15 @@ def main() -> None:
                     help="run only questions 1-2 (minilm) or 3-4 (mpnet); the section merges the saved parts")
     ap.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
     ap.add_argument("--report-only", action="store_true", help="rewrite the section from the saved parts")
+    ap.add_argument("--seed-start", type=int, default=0,
+                    help="add seeds N..--seeds-1 to the part's saved figures (rows not run are carried over)")
+    ap.add_argument("--no-6layer", action="store_true", help="skip the MPNet 6-layer row (keep its saved figures)")
     ap.add_argument("--prepare", choices=["all", "minilm", "mpnet"], help="only encode and cache teacher embeddings")
     args = ap.parse_args()
     cfg = QUICK if args.quick else Config()
     if args.seeds:
         cfg = Config(**{**asdict(cfg), "seeds": args.seeds})
+    cfg = Config(**{**asdict(cfg), "seed_start": args.seed_start, "six_layer": not args.no_6layer})
     torch.set_num_threads(cfg.threads)
     if args.report_only:
         merge_and_report(cfg, ["quick"] if args.quick else ["minilm", "mpnet"], {}, args.quick)
