@@ -223,6 +223,16 @@ def _aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"per_seed": {str(s): r for s, r in per_seed.items()}, "mean": mean, "std": std}
 
 
+def student_subset(train: Any, n: int | None, seed: int = 0) -> Any:
+    """The first `n` samples of a seeded permutation of `train` (all of it when `n` is None or too large)."""
+    if n is None or n >= len(train):
+        return train
+    if hasattr(train, "subset"):
+        return train.subset(n, seed)
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.utils.data.Subset(train, perm.tolist())
+
+
 def resolve_run_dir(recipe: Recipe, out_dir: str | Path | None, resume: bool, runs_root: Path) -> Path:
     """`out_dir`, or for `--resume` the latest `runs/<name>/<timestamp>/`, or a new timestamped one."""
     if out_dir is not None:
@@ -283,11 +293,15 @@ def run_recipe(
         summary["teacher"] = {**_measure(teacher_model, test, recipe, recipe.teacher.inputs), **t_info}
     elif t_info:
         summary["teacher"] = t_info
+    student_train = student_subset(train, recipe.student.train_subset)
+    if student_train is not train:
+        summary["data"]["student_train"] = len(student_train)
+        log(f"students train on a fixed subset of {len(student_train)} of the {len(train)} training samples")
     variants = (["scratch"] if recipe.baseline else []) + ["distilled"]
     results: dict[str, dict[int, dict[str, Any]]] = {v: {} for v in variants}
     for seed in seeds:
         for v in variants:
-            results[v][seed] = _train_variant(recipe, v, seed, train, test, teacher_model, store,
+            results[v][seed] = _train_variant(recipe, v, seed, student_train, test, teacher_model, store,
                                               run_dir / f"seed{seed}" / v, resume, progress, log)
     for v in variants:
         summary[v] = _aggregate(results[v])

@@ -133,6 +133,9 @@ class StudentSpec(_Strict):
     views: dict[str, str] = Field(default_factory=dict)
     weights: str | None = None
     inputs: str | list[str] | dict[str, str] | None = None
+    train_subset: int | None = Field(default=None, gt=0, description=(
+        "train the students (scratch and distilled alike) on this many samples of the training split, a fixed "
+        "seeded subset; the teacher still trains on all of it (the small-transfer-set setting)"))
 
 
 class MethodRef(_Strict):
