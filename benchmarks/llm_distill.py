@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--live-steps", type=int, default=None, help="steps of the live-teacher row (default: --steps)")
     ap.add_argument("--onpolicy-steps", type=int, default=None, help="steps of the GKD / SCRG rows (default: --steps)")
     ap.add_argument("--record-only", action="store_true", help="record the teacher's top-k cache, then stop")
+    ap.add_argument("--onpolicy-warm", type=int, default=0, metavar="N",
+                    help="only the on-policy-from-a-distilled-start table: N store-FKL steps, then N more steps of "
+                         "FKL / GKD / SCRG from that checkpoint (its own BENCHMARKS.md section)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     ap.add_argument("--benchmarks-md", type=Path, default=ROOT / "BENCHMARKS.md",
                     help="the BENCHMARKS.md to write (runs/ goes beside it)")
@@ -186,6 +189,8 @@ def main() -> None:
               f"step {r['median_step_s']:.3f}s", file=sys.stderr, flush=True)
         return r
 
+    if a.onpolicy_warm:
+        return onpolicy_warm(a, S, train, teacher, store, base, span_fn, t_start)
     seeds = list(range(a.seeds))
     plan = []
     for sd in seeds:
@@ -208,6 +213,48 @@ def main() -> None:
         run(name, sd, t_obj, off, **kw)
         pending = [f"{n}/{x}" for n, x, *_ in plan[k + 1:]]
         render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, out, t_start, pending)
+
+
+def onpolicy_warm(a, S, train, teacher, store, base, span_fn, t_start) -> None:
+    """GKD / SCRG as their papers run them, from a student that already learnt something (here: N steps of
+    store forward KL), against N more store-FKL steps from the same checkpoint."""
+    import copy
+
+    n, test, collate, kd_rows = a.onpolicy_warm, S["test"], S["collate"], S["kd_rows"]
+    kw = dict(teacher=None, collate=collate, to_teacher_ids=S["to_t"], to_student_ids=S["to_s"], span_fn=span_fn)
+
+    def cfg(**x):
+        return LMDistillConfig(**{**base, "steps": n, "warmup_steps": max(2, n // 20), **x})
+
+    st0 = student_from_config(S["scfg"], seed=0)
+    train_lm(st0, train, cfg(divergence="forward_kl"), **{**kw, "teacher": store})
+    p0 = lm_perplexity(student_head_fn(st0), test, collate, kd_rows)
+    print(f"[{time.perf_counter() - t_start:6.0f}s] warm start (FKL {n} steps): ppl {p0['all']:.2f}", file=sys.stderr, flush=True)
+    doms = S["domains"] + ["all"]
+    rows = [[f"start: forward KL (store), {n} steps", "-", *[f"{p0[d]:.2f}" for d in doms], "-", "-", "-", "-"]]
+    plan = [("+ forward KL (store)", store, None, dict(divergence="forward_kl")),
+            ("+ GKD λ=0.5, JSD(0.5)", teacher, store, dict(divergence="jsd", beta=0.5, on_policy=0.5)),
+            ("+ SCRG + span, λ=0.5", teacher, store, dict(divergence="forward_kl", scrg=True, on_policy=0.5, span_weight=1.0))]
+    for name, t_obj, off, x in plan:
+        st = copy.deepcopy(st0)
+        r = train_lm(st, train, cfg(**x), **{**kw, "teacher": t_obj, "offline_teacher": off})
+        p = lm_perplexity(student_head_fn(st), test, collate, kd_rows)
+        tt = r["step_times"]
+        rows.append([name, str(n), *[f"{p[d]:.2f}" for d in doms], f"{r['median_step_s']:.3f}",
+                     f"{sum(tt) / len(tt):.3f}", str(r["on_policy_steps"]), str(r["scrg_corrected"])])
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {name}: ppl {p['all']:.2f}", file=sys.stderr, flush=True)
+    md = (f"Same teacher, student, data and sub-vocabulary as the \"LLM distillation\" section; seed 0. The student "
+          f"first trains {n} steps with forward KL + 0.5 CE from the top-{S['k']} store, then each row continues "
+          f"{n} more steps from that checkpoint (fresh warm-up + cosine schedule). GKD and SCRG score the student's "
+          f"generations ({base['gen_len']} tokens after a {base['prompt_len']}-token prompt) with the live teacher and take "
+          f"their off-policy steps from the store. Wall time {time.perf_counter() - t_start:.0f} s, 1 thread, shared CPU.\n\n"
+          + markdown_table(["method", "extra steps", *doms, "median s/step", "mean s/step", "on-policy steps",
+                            "SCRG corrections"], rows))
+    print(md, file=sys.stderr)
+    if not a.no_write:
+        write_section("LLM distillation: on-policy from a distilled start", md, path=a.benchmarks_md,
+                      command="LLM_TRAIN_CHARS=%s LLM_TEST_BLOCKS=%s python benchmarks/llm_distill.py --onpolicy-warm %d"
+                      % (os.environ.get("LLM_TRAIN_CHARS", 40000), os.environ.get("LLM_TEST_BLOCKS", 20), n))
 
 
 def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, out, t_start, pending) -> None:
