@@ -14,7 +14,7 @@ unlabeled fortunes (probe items removed) for the static students;
 evaluation on held-out synsets never trained on, fortunes (12 categories) and held-out KJV verses.
 Teacher embeddings are cached on disk (`~/.cache/still/embeddings`), so a rerun encodes nothing twice.
 
-    python benchmarks/embeddings.py --quick        # < 60 s once the caches exist (a smoke run)
+    python benchmarks/embeddings.py --quick        # a smoke run (~40 s CPU once the caches exist); prints, writes nothing
     python benchmarks/embeddings.py                # the full run (hours on 2 shared cores)
 """
 
@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from still.bench import emit_json, markdown_table, mean_std, write_section  # noqa: E402
 
 CACHE = Path(os.environ.get("STILL_CACHE", "~/.cache/still")).expanduser()
+WRITE_QUICK = False  # --quick --write: let the smoke run replace the BENCHMARKS.md section
 STATIC_ROW = "still static (256-d, PCA init) ← MiniLM"
 M2V_ROW = "still static (256-d, model2vec init, cosine) ← MiniLM"
 
@@ -368,7 +369,10 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
                      table, "", "Goals (issue 5):", *goals, "", setup])
     if commands:
         md += "\n\nFigures made by: " + "; ".join(f"`{c}`" for c in commands) + " (then merged into this section)."
-    write_section("Sentence embeddings", md)
+    if quick and not WRITE_QUICK:  # a smoke run never replaces the measured section
+        print(md, flush=True)
+    else:
+        write_section("Sentence embeddings", md)
     emit_json({k: v for k, v in figs.items()})
 
 
@@ -383,7 +387,10 @@ def main() -> None:
                     help="add seeds N..--seeds-1 to the part's saved figures (rows not run are carried over)")
     ap.add_argument("--no-6layer", action="store_true", help="skip the MPNet 6-layer row (keep its saved figures)")
     ap.add_argument("--prepare", choices=["all", "minilm", "mpnet"], help="only encode and cache teacher embeddings")
+    ap.add_argument("--write", action="store_true", help="with --quick: write the section to BENCHMARKS.md anyway")
     args = ap.parse_args()
+    global WRITE_QUICK
+    WRITE_QUICK = args.write
     cfg = QUICK if args.quick else Config()
     if args.seeds:
         cfg = Config(**{**asdict(cfg), "seeds": args.seeds})
