@@ -293,3 +293,54 @@ def test_iterable_data_is_refused_with_a_clear_error() -> None:
     with pytest.raises(TypeError, match="map-style data set"):
         train(student, _kd_objective(), Stream(), TrainConfig(max_steps=1, progress=False),
               teacher=LiveTeacher(teacher, {"logits": ""}))
+
+
+def test_hot_path_shortcuts_match_the_general_code() -> None:
+    """The engine's per-step shortcuts give what the general code gives: `InMemoryDataset.gather` (index_select)
+    = `__getitems__`; a subclass's own `__getitems__` is still used; `to_device` on the CPU returns a new flat
+    dict of the same tensors; `LossWindow.matrix` (one stack) = the per-value path (mixed dtypes and shapes)."""
+    from still.engine.data import InProcessLoader, to_device
+    from still.engine.logging import LossWindow
+
+    ds = InMemoryDataset(x=torch.randn(10, 3, 2), y=torch.arange(10), index=torch.arange(10) * 7)
+    ix = torch.tensor([4, 0, 9])
+    got, ref = ds.gather(ix), ds.__getitems__(ix)
+    assert list(got) == list(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+    class Marked(InMemoryDataset):
+        def __getitems__(self, idx):  # noqa: ANN001, ANN204
+            return {**super().__getitems__(idx), "marked": torch.ones(len(idx))}
+
+    sampler = RankBatchSampler(10, 2)
+    assert all("marked" in b for b in InProcessLoader(Marked(x=torch.randn(10, 2)), sampler, collate))
+    batch = {"x": torch.randn(2, 3), "y": torch.zeros(2)}
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved is not batch and list(moved) == list(batch) and all(moved[k] is batch[k] for k in batch)
+    nested = to_device({"a": [torch.ones(1)], "b": 3}, torch.device("cpu"))
+    assert torch.equal(nested["a"][0], torch.ones(1)) and nested["b"] == 3
+
+    class OneProcess:
+        num_processes = 1
+
+    steps = [[[torch.tensor(float(s + m + k)) for k in range(3)] for m in range(2)] for s in range(4)]
+    fast = LossWindow(["a", "b", "total"])
+    for s, v in enumerate(steps):
+        fast.add(s, v, 0.1, None)
+    mixed = LossWindow(["a", "b", "total"])
+    for s, v in enumerate(steps):  # bf16 and (1,)-shaped values take the general path
+        mixed.add(s, [[m[0].to(torch.bfloat16), m[1].reshape(1), m[2]] for m in v], 0.1, None)
+    w_fast, w_mixed = fast.matrix(OneProcess()), mixed.matrix(OneProcess())
+    assert w_fast.shape == (4, 3) and torch.equal(w_fast, w_mixed)
+    assert torch.equal(w_fast[:, 0], torch.tensor([0.5, 1.5, 2.5, 3.5]))
+
+
+def test_live_teacher_views_are_detached_eval_and_unknown_names_fail() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    teacher = LiveTeacher(net, {"logits": "", "hidden": "0"})
+    net.train()  # someone switched it back: views still run it in eval mode
+    x = torch.randn(5, 3)
+    v = teacher.views({"x": x}, ["logits", "hidden"])
+    assert not net.training and not v["logits"].requires_grad and v["hidden"].shape == (5, 4)
+    torch.testing.assert_close(v["logits"], net(x))
+    with pytest.raises(KeyError, match=r"no view\(s\) \['feat'\]; it serves \['hidden', 'logits'\]"):
+        teacher.views({"x": x}, ["logits", "feat"])

@@ -292,3 +292,18 @@ def test_unwrap_nested_wrappers(net: Net) -> None:
     with Taps(wrapped, {"s": "stem"}) as taps:
         net(X)
     torch.testing.assert_close(taps.views["s"], v["s"])
+
+
+def test_single_root_view_fast_path_and_cached_parse(net: Net) -> None:
+    """One root view skips hooks and keys but keeps detach semantics; parsed taps are cached yet equal, and a
+    bad tap raises every time."""
+    out, v = forward_with_views(net, X, {"out": ""})
+    assert v["out"] is out and out.requires_grad
+    _, d = forward_with_views(net, X, {"out": ""}, detach=True)
+    assert not d["out"].requires_grad
+    torch.testing.assert_close(d["out"], out.detach())
+    assert TapSpec.parse("blocks.0[1]") is TapSpec.parse("blocks.0[1]") == TapSpec("blocks.0", (1,))
+    for _ in range(2):
+        with pytest.raises(TapError, match="cannot parse"):
+            TapSpec.parse("a@in[0")
+    assert _hooks(net) == 0
