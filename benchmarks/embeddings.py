@@ -66,6 +66,7 @@ class Config:
     mpnet: bool = True
     seed_start: int = 0           # > 0: add seeds seed_start..seeds-1 to the part's saved rows (see --seed-start)
     six_layer: bool = True        # the MPNet 6-layer row (False: keep its saved figures)
+    multi_rows: bool = True       # the three single/multi-teacher 2-layer rows (False: keep their saved figures)
     threads: int = 1
 
 
@@ -236,9 +237,10 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
             train_eval("still 6-layer ← MPNet", lambda: layer_dropped_student("minilm", keep=list(range(6))),
                        {"mpnet": 1.0}, "mpnet", texts["mpnet"], cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, False,
                        mpnet, fortunes=False)
-        # (4) single vs multi teacher, same 3-layer student and data
-        for label, tw, tv, tobj in [("MiniLM", {"minilm": 1.0}, "minilm", minilm), ("MPNet", {"mpnet": 1.0}, "mpnet", mpnet),
-                                    ("MiniLM + MPNet", {"minilm": 0.5, "mpnet": 0.5}, "mpnet", both)]:
+        # (4) single vs multi teacher, same 2-layer student and data
+        rows = [("MiniLM", {"minilm": 1.0}, "minilm", minilm), ("MPNet", {"mpnet": 1.0}, "mpnet", mpnet),
+                ("MiniLM + MPNet", {"minilm": 0.5, "mpnet": 0.5}, "mpnet", both)] if cfg.multi_rows else []
+        for label, tw, tv, tobj in rows:
             train_eval(f"still 2-layer, FFN 768 ← {label} [{cfg.n_train_mpnet} synsets]",
                        lambda: layer_dropped_student("minilm", keep=2, ffn_width=768), tw, tv, texts["mpnet"],
                        cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, True, tobj)
@@ -386,6 +388,8 @@ def main() -> None:
     ap.add_argument("--seed-start", type=int, default=0,
                     help="add seeds N..--seeds-1 to the part's saved figures (rows not run are carried over)")
     ap.add_argument("--no-6layer", action="store_true", help="skip the MPNet 6-layer row (keep its saved figures)")
+    ap.add_argument("--no-multi", action="store_true",
+                    help="skip the single/multi-teacher 2-layer rows of the MPNet part (keep their saved figures)")
     ap.add_argument("--prepare", choices=["all", "minilm", "mpnet"], help="only encode and cache teacher embeddings")
     ap.add_argument("--write", action="store_true", help="with --quick: write the section to BENCHMARKS.md anyway")
     args = ap.parse_args()
@@ -394,7 +398,8 @@ def main() -> None:
     cfg = QUICK if args.quick else Config()
     if args.seeds:
         cfg = Config(**{**asdict(cfg), "seeds": args.seeds})
-    cfg = Config(**{**asdict(cfg), "seed_start": args.seed_start, "six_layer": not args.no_6layer})
+    cfg = Config(**{**asdict(cfg), "seed_start": args.seed_start, "six_layer": not args.no_6layer,
+                        "multi_rows": not args.no_multi})
     torch.set_num_threads(cfg.threads)
     if args.report_only:
         merge_and_report(cfg, ["quick"] if args.quick else ["minilm", "mpnet"], {}, args.quick)
