@@ -8,11 +8,13 @@ in a fresh cache, so the wall time is what a first `make demo` costs.
     python benchmarks/demo_kd.py                     # the demo recipe, seeds 0,1,2 (minutes)
     python benchmarks/demo_kd.py --reuse-teacher     # reuse runs/.teachers/ (the make demo cache)
     python benchmarks/demo_kd.py --quick             # recipes/digits_kd.yaml, seeds 0,1,2 (< 60 s); JSON only
+    python benchmarks/demo_kd.py --from-run RUN_DIR  # rebuild the section from a finished run's summary.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -33,6 +35,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     ap.add_argument("--reuse-teacher", action="store_true", help="use the runs/.teachers cache (else a fresh one)")
     ap.add_argument("--write", action="store_true", help="with --quick: also write a '(quick)' section")
+    ap.add_argument("--from-run", default=None, metavar="RUN_DIR",
+                    help="no training: rebuild the section from RUN_DIR/summary.json (a run of this script)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,12 +50,19 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     recipe = load_recipe(recipe_path, args.set)
     runs_root = ROOT / "runs"
-    with tempfile.TemporaryDirectory(prefix="still-demo-teacher-") as tmp:
-        cache = runs_root / ".teachers" if args.reuse_teacher else Path(tmp)
-        t0 = time.perf_counter()
-        summary = run_recipe(recipe, seeds=seeds, runs_root=runs_root, teacher_cache=cache, progress=False,
-                             quiet=args.quick, source=recipe_path.name)
-        wall = time.perf_counter() - t0
+    command = None
+    if args.from_run:
+        summary = json.loads((Path(args.from_run) / "summary.json").read_text())
+        seeds, wall = [int(k) for k in summary["seeds"]], float(summary["wall_s"])
+        command = (f"python benchmarks/demo_kd.py{' --reuse-teacher' if args.reuse_teacher else ''} "
+                   f"(run {Path(summary['run_dir']).name}; section rebuilt by --from-run)")
+    else:
+        with tempfile.TemporaryDirectory(prefix="still-demo-teacher-") as tmp:
+            cache = runs_root / ".teachers" if args.reuse_teacher else Path(tmp)
+            t0 = time.perf_counter()
+            summary = run_recipe(recipe, seeds=seeds, runs_root=runs_root, teacher_cache=cache, progress=False,
+                                 quiet=args.quick, source=recipe_path.name)
+            wall = time.perf_counter() - t0
     metric = recipe.eval.metrics[0]
     d, s = summary["distilled"], summary.get("scratch")
     figures = {
@@ -76,9 +87,12 @@ def main() -> None:
               f"{d['per_seed'][str(k)][metric] - s['per_seed'][str(k)][metric]:+.4f}" if s else "–"] for k in seeds])
         data = summary["data"]
         t = summary.get("teacher", {})
+        students = (f"; the students train on a fixed subset of {data['student_train']} of the training images "
+                    f"(`student.train_subset`), the teacher on all of them" if data.get("student_train") else "")
         md = "\n\n".join([
             f"Recipe `{recipe_path.relative_to(ROOT) if recipe_path.is_relative_to(ROOT) else recipe_path}`"
-            f" ({data['name']}: {data['train']} train / {data['test']} test), seeds {args.seeds}. Test {metric} of "
+            f" ({data['name']}: {data['train']} train / {data['test']} test{students}), seeds "
+            f"{','.join(map(str, seeds))}. Test {metric} of "
             f"the final weights (no checkpoint selection), mean ± std over seeds; the scratch and distilled "
             f"students share the initial weights, the data order and the budget of each seed.",
             markdown_table(header, rows),
@@ -89,7 +103,7 @@ def main() -> None:
             + f". Whole run (teacher included{'' if not args.reuse_teacher else ' unless cached'}): {wall:.0f} s "
             f"wall on a machine shared with other jobs (timing is indicative).",
         ])
-        write_section("Fashion-MNIST KD demo" + (" (quick)" if args.quick else ""), md)
+        write_section("Fashion-MNIST KD demo" + (" (quick)" if args.quick else ""), md, command=command)
     emit_json(figures)
 
 
