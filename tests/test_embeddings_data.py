@@ -100,3 +100,20 @@ def test_kjv_real_split():
     assert te.num_classes == 66 and 2800 < len(te) < 3400
     assert not set(te.refs) & set(tr.refs)
     assert te.texts[0] and te.classes[0] == "Ge"
+
+
+@pytest.mark.skipif(not (HAVE_WN and HAVE_FORTUNES and HAVE_KJV), reason="Debian wordnet-base, fortunes, bible-kjv")
+def test_distillation_text_holds_no_heldout_item():
+    """Unlabeled fortunes leave out every item the probe may use; the distillation corpus leaves out held-out
+    WordNet definitions and KJV verses (also when another synset / verse has the same text)."""
+    from still.data.text import distill_corpus, distill_text, fortunes_unlabeled
+
+    unl = fortunes_unlabeled()
+    probe = {t for s in ("train", "test") for t in fortunes(s, per_class=200).texts}
+    assert len(unl) > 5000 and not probe & set(unl.texts)
+    texts = distill_corpus(2000, fortunes_n=500, kjv_n=500)
+    held = set(wordnet_glosses("test", unique_lemmas=False).texts) | set(kjv_verses("test").texts)
+    assert len(texts) > 4000 and not held & set(texts) and not probe & set(texts)
+    assert texts[:10] == distill_corpus(2000, fortunes_n=500, kjv_n=500)[:10]  # deterministic
+    ds = DATASETS.build("distill_text", split="train", synsets=100, subset=50)
+    assert len(ds) == 50 and ds[0]["text"] == ds.texts[0]
