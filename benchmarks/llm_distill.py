@@ -341,7 +341,7 @@ def render(a, S, runs, seeds, tp, record_s, cached, steps, bs, base, t_params, o
         head += f" **Partial**: runs still pending when this was written: {', '.join(pending)} (shown as …)."
     parts = [head,
              "**Distilled vs scratch** (held-out perplexity, mean ± std over seeds; forward KL + 0.5 CE from the top-k store):\n\n" + t1,
-             "**Divergences and on-policy methods** (seed 0, same steps and data):\n\n" + t2,
+             "**Divergences and on-policy methods** (seed 0, same data; each row's budget in its steps column):\n\n" + t2,
              "**DDK vs uniform domain sampling** (CE + 0.2·KL, seed 0):\n\n" + t3,
              "**Store vs live teacher** (forward KL + 0.5 CE, seed 0):\n\n" + t4,
              f"Throughput (held-out forward): teacher {speed['teacher']:.0f} tok/s, student {speed['student']:.0f} tok/s. "
