@@ -114,7 +114,7 @@ def liger_step(x: dict[str, torch.Tensor], div: str) -> Callable[[], float] | No
     return step
 
 
-CHUNK: int | None = None  # --chunk-size (None: the engine's default, about 32 MiB of fp32 logits per chunk)
+CHUNK: int | None = None  # --chunk-size (None: the engine default, ~32 MiB of fp32 logits, >= 128 tokens)
 
 
 def still_step(x: dict[str, torch.Tensor], div: str) -> Callable[[], float]:

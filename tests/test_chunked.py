@@ -239,7 +239,7 @@ def test_errors_are_clear():
         chunked_distill_loss(hs, ws, ht, wt, divergence="forward_kl", divergence_params={"beta": 0.5})
     with pytest.raises(ValueError, match="labels"):
         chunked_distill_loss(hs, ws, ht, wt, ce_weight=1.0)
-    assert default_chunk_size(32768, 10_000) == 256 and default_chunk_size(131072, 10_000) == 64
+    assert default_chunk_size(32768, 10_000) == 256 and default_chunk_size(131072, 10_000) == 128
     assert default_chunk_size(123, 5) == 5
 
 
