@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     ap.add_argument("--reuse-teacher", action="store_true", help="use the runs/.teachers cache (else a fresh one)")
     ap.add_argument("--write", action="store_true", help="with --quick: also write a '(quick)' section")
+    ap.add_argument("--made-by", default=None, metavar="TEXT",
+                    help="with --from-run: the command that made the run (shown in the section)")
     ap.add_argument("--from-run", default=None, metavar="RUN_DIR",
                     help="no training: rebuild the section from RUN_DIR/summary.json (a run of this script)")
     args = ap.parse_args()
@@ -56,6 +58,8 @@ def main() -> None:
         seeds, wall = [int(k) for k in summary["seeds"]], float(summary["wall_s"])
         command = (f"python benchmarks/demo_kd.py{' --reuse-teacher' if args.reuse_teacher else ''} "
                    f"(run {Path(summary['run_dir']).name}; section rebuilt by --from-run)")
+        if args.made_by:
+            command = f"{args.made_by} (run {Path(summary['run_dir']).name}; section rebuilt by demo_kd.py --from-run)"
     else:
         with tempfile.TemporaryDirectory(prefix="still-demo-teacher-") as tmp:
             cache = runs_root / ".teachers" if args.reuse_teacher else Path(tmp)
@@ -101,7 +105,7 @@ def main() -> None:
             f"Latency: {summary['latency']}. Teacher: {t.get('source', '–')}"
             + (f", trained in {t['train_s']:.0f} s" if t.get("train_s") else "")
             + f". Whole run (teacher included{'' if not args.reuse_teacher else ' unless cached'}): {wall:.0f} s "
-            f"wall on a machine shared with other jobs (timing is indicative).",
+            f"wall ({os.cpu_count()} CPUs; the command above says how it was run).",
         ])
         write_section("Fashion-MNIST KD demo" + (" (quick)" if args.quick else ""), md, command=command)
     emit_json(figures)
