@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--no-write", action="store_true", help="print the figures, leave BENCHMARKS.md alone")
+    ap.add_argument("--write", action="store_true", help="with --quick: write the section anyway")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's adaptive malloc thresholds on")
     a = ap.parse_args()
     pinned = False if a.default_malloc else pin_malloc()
@@ -213,7 +214,7 @@ def main() -> None:
         f"implementations) next to a sub-millisecond step. {'Quick run; ' if a.quick else ''}on a shared CPU "
         f"expect a few percent of noise. Run time {time.perf_counter() - started:.0f} s."
     )
-    if not a.no_write:
+    if not a.no_write and (not a.quick or a.write):
         write_section("Engine overhead", md)
     else:
         print(md)

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--dense-train", type=int, default=None, help="override the dense part's training canvases")
     ap.add_argument("--dense-epochs", type=int, default=None, help="override the dense part's student epochs")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
+    ap.add_argument("--write", action="store_true", help="with --quick: write the section anyway (it is a smoke run)")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     t0 = time.perf_counter()
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{__import__('torch').get_num_threads()} thread(s), CPU shared with other jobs.\n\n"
           + markdown_table(header, table) + "\n\n" + "\n".join(f"- {n}" for n in notes))
     print(md)
-    if not args.no_write:
+    if not args.no_write and (not args.quick or args.write):
         write_section(SECTION, md)
     figures = {"wall_s": wall, "seeds": len(seeds), "quick": args.quick, "rows": rows, "notes": notes}
     emit_json(figures)
