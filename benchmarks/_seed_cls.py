@@ -328,6 +328,6 @@ if __name__ == "__main__":  # this part alone: `python benchmarks/_seed_cls.py [
     got = rows(quick, list(range(args.seeds or (1 if quick else 3))), budget=bud)
     for r in got:
         print(json.dumps(r))
-    if not args.no_write:
+    if not args.no_write and not args.quick:  # a quick run is a smoke test: print only
         write_rows(got, "Quick smoke run: not a result. " if quick else f"Budget: {bud}. ")
     emit_json({"part": "cls", "rows": got})

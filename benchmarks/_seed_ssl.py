@@ -156,6 +156,6 @@ if __name__ == "__main__":
     got = rows(args.quick, list(range(args.seeds or (1 if args.quick else 3))), bud)
     for r in got:
         print(json.dumps(r))
-    if not args.no_write:
+    if not args.no_write and not args.quick:  # a quick run is a smoke test: print only
         write_rows(got, "Quick smoke run: not a result. " if args.quick else f"Budget: {bud}. ")
     emit_json({"part": "ssl", "rows": got})
