@@ -9,6 +9,25 @@ from still.integrations.causal_lm import LMHeadOutputs, VocabMismatchError, topk
 from still.losses.llm_span import lm_kd, span_kd, topk_to_logprobs, word_span_ids
 
 
+def _val(x: torch.Tensor | float) -> float:
+    """A scalar's value as a float, detached first (no requires_grad-to-scalar warning)."""
+    return x.detach().item() if isinstance(x, torch.Tensor) else float(x)
+
+
+def _topk_case(seed: int, T: int, V: int, k: int, missing: str = "uniform"):
+    """A fused-student / top-k-teacher set-up (B=2, H=4): the generator (for further draws), student hidden
+    states `h` and head `w` (both requiring grad), the teacher's top-k ids and log-probs `(B, T, k)` and
+    their densified log-probs `(B, T, V)`."""
+    g = torch.Generator().manual_seed(seed)
+    B, H = 2, 4
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    lp = torch.log_softmax(torch.randn(B, T, V, generator=g), -1)
+    vals, idx = lp.topk(k, -1)
+    dense = topk_to_logprobs(idx.reshape(-1, k), vals.reshape(-1, k), V, missing).view(B, T, V)
+    return g, h, w, idx, vals, dense
+
+
 def _naive_div(name: str, zs: torch.Tensor, zt: torch.Tensor, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
     """One row, straight from the definitions (float64)."""
     ps, pt = torch.softmax(zs.double(), -1), torch.softmax(zt.double(), -1)
@@ -60,7 +79,7 @@ def test_lm_kd_matches_naive_value_and_grad(div, fused):
     got = lm_kd(student, teacher, labels=labels, divergence=div, ce_weight=0.3, kd_rows=V, chunk_size=3,
                 temperature=2.0)
     ref = _naive_lm_kd(h @ w.t(), th @ tw.t(), labels, div, 0.3, V, temperature=2.0)
-    assert float(got) == pytest.approx(float(ref), rel=5e-4, abs=1e-5)
+    assert _val(got) == pytest.approx(_val(ref), rel=5e-4, abs=1e-5)
     g1 = torch.autograd.grad(got, [h, w])
     g2 = torch.autograd.grad(ref, [h, w])
     for a, b in zip(g1, g2):
@@ -73,12 +92,12 @@ def test_lm_kd_all_masked_is_zero_without_nan():
     out = lm_kd(LMHeadOutputs(h, w), LMHeadOutputs(torch.randn(2, 4, 3), torch.randn(6, 3)),
                 labels=torch.full((2, 4), -100), ce_weight=0.5)
     out.backward()
-    assert float(out) == 0.0 and torch.isfinite(h.grad).all() and float(h.grad.abs().sum()) == 0.0
+    assert _val(out) == 0.0 and torch.isfinite(h.grad).all() and _val(h.grad.abs().sum()) == 0.0
 
 
 def test_lm_kd_identical_distributions_give_zero_kd():
     z = torch.randn(2, 5, 9)
-    assert float(lm_kd(z, z.clone(), divergence="jsd")) == pytest.approx(0.0, abs=1e-6)
+    assert _val(lm_kd(z, z.clone(), divergence="jsd")) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_lm_kd_refuses_misaligned_vocabularies():
@@ -94,25 +113,20 @@ def test_kd_mask_limits_kd_to_generated_positions():
     mask = torch.tensor([[0, 0, 0, 1, 1, 1]], dtype=torch.bool)  # targets 3..5 → predicting positions 2..4
     got = lm_kd(zs, zt, kd_mask=mask)
     ref = sum(_naive_div("forward_kl", zs[0, t], zt[0, t]) for t in (2, 3, 4)) / 3
-    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    assert _val(got) == pytest.approx(_val(ref), rel=1e-5)
 
 
 @pytest.mark.parametrize("missing", ["uniform", "renormalize"])
 def test_topk_teacher_fused_equals_dense_reconstruction(missing):
-    g = torch.Generator().manual_seed(4)
-    B, T, H, V, k = 2, 5, 4, 11, 4
-    h = torch.randn(B, T, H, generator=g, requires_grad=True)
-    w = torch.randn(V, H, generator=g, requires_grad=True)
-    lp = torch.log_softmax(torch.randn(B, T, V, generator=g), -1)
-    vals, idx = lp.topk(k, -1)
-    dense = topk_to_logprobs(idx.reshape(-1, k), vals.reshape(-1, k), V, missing).view(B, T, V)
+    B, T, V = 2, 5, 11
+    _, h, w, idx, vals, dense = _topk_case(4, T, V, k=4, missing=missing)
     # reconstruction: top-k kept exactly; the rest uniform (or dropped and renormalised)
     if missing == "uniform":
         assert torch.allclose(dense.exp().sum(-1), torch.ones(B, T), atol=1e-5)
         assert torch.allclose(dense.gather(-1, idx), vals)
     got = lm_kd(LMHeadOutputs(h, w), topk_logits(idx, vals, V), missing=missing)
     ref = sum(_naive_div("forward_kl", (h @ w.t())[b, t], dense[b, t]) for b in range(B) for t in range(T - 1)) / (B * (T - 1))
-    assert float(got) == pytest.approx(float(ref), rel=5e-4)
+    assert _val(got) == pytest.approx(_val(ref), rel=5e-4)
     gh = torch.autograd.grad(got, h)[0]
     gr = torch.autograd.grad(ref, h)[0]
     torch.testing.assert_close(gh, gr.float(), rtol=5e-4, atol=1e-5)
@@ -138,35 +152,30 @@ def test_span_kd_matches_naive(chunk):
     spans = torch.tensor([[1, 1, 2, 2, 2, 3, 3], [4, 5, 5, 6, 6, 6, 6]])  # row ends never pair across rows
     got = span_kd(LMHeadOutputs(h, w), LMHeadOutputs(th, tw), spans, chunk_size=chunk)
     ref = _naive_span(h @ w.t(), th @ tw.t(), spans)
-    assert float(got) == pytest.approx(float(ref), rel=5e-4)
+    assert _val(got) == pytest.approx(_val(ref), rel=5e-4)
     for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(ref, [h, w])):
         torch.testing.assert_close(a, b.float(), rtol=5e-4, atol=1e-6)
     dense = span_kd(h @ w.t(), th @ tw.t(), spans)
-    assert float(dense) == pytest.approx(float(ref), rel=5e-4)
+    assert _val(dense) == pytest.approx(_val(ref), rel=5e-4)
     mixed = span_kd(LMHeadOutputs(h, w), th @ tw.t(), spans, chunk_size=chunk)  # fused student, cached teacher
-    assert float(mixed) == pytest.approx(float(ref), rel=5e-4)
+    assert _val(mixed) == pytest.approx(_val(ref), rel=5e-4)
 
 
 @pytest.mark.parametrize("div", ["jsd", "reverse_kl", "tvd"])
 def test_topk_teacher_other_divergences_tempered_like_logits(div):
     """A top-k teacher with a divergence other than forward KL: densified (missing mass uniform), then
     treated as teacher logits (1/T applies), fused student (engine) == dense student == naive."""
-    g = torch.Generator().manual_seed(6)
-    B, T, H, V, k = 2, 6, 4, 13, 5
-    h = torch.randn(B, T, H, generator=g, requires_grad=True)
-    w = torch.randn(V, H, generator=g, requires_grad=True)
-    lp = torch.log_softmax(torch.randn(B, T, V, generator=g), -1)
-    vals, idx = lp.topk(k, -1)
-    dense_t = topk_to_logprobs(idx.reshape(-1, k), vals.reshape(-1, k), V).view(B, T, V)
+    B, T, V = 2, 6, 13
+    g, h, w, idx, vals, dense_t = _topk_case(6, T, V, k=5)
     labels = torch.randint(0, V, (B, T), generator=g)
     got = lm_kd(LMHeadOutputs(h, w), topk_logits(idx, vals, V), labels=labels, divergence=div, temperature=2.0,
                 ce_weight=0.2, chunk_size=4)
     ref = _naive_lm_kd(h @ w.t(), dense_t, labels, div, 0.2, V, temperature=2.0)
-    assert float(got) == pytest.approx(float(ref), rel=5e-4, abs=1e-6)
+    assert _val(got) == pytest.approx(_val(ref), rel=5e-4, abs=1e-6)
     for a, b in zip(torch.autograd.grad(got, [h, w]), torch.autograd.grad(ref, [h, w])):
         torch.testing.assert_close(a, b.float(), rtol=5e-4, atol=1e-5)
     flat = lm_kd(h @ w.t(), topk_logits(idx, vals, V), labels=labels, divergence=div, temperature=2.0, ce_weight=0.2)
-    assert float(flat) == pytest.approx(float(ref), rel=5e-4, abs=1e-6)
+    assert _val(flat) == pytest.approx(_val(ref), rel=5e-4, abs=1e-6)
 
 
 def test_word_span_ids():
