@@ -2,11 +2,16 @@
 student from scratch vs plain KD (T = 4, α = 0.9), same data, student and budget; test accuracy as
 mean ± std over seeds.
 
-- TRG, LLaVA-KD: teacher `fmnist_cnn` (trained here once, CE, seed 0), student `small_cnn` 8-16-32;
-  tokens are the 7×7 feature maps (`features.2`, 49 tokens) of both.
-- DHO (1 % and 10 % labels): the teacher plays the paper's external VLM, so it is trained on a
-  disjoint pool of Fashion-MNIST training images (all labelled); the students see the semi-supervised
-  subset (labelled samples repeated to balance the batches). Scratch = CE on the labelled part only;
+Teachers: `fmnist_cnn` trained (CE, seed 0, cosine LR) on the *pool*: every Fashion-MNIST training
+image outside the students' subset and DHO's validation images (56.5k by default), so no teacher has
+seen a student image or its label. Trained once and cached (`$STILL_CACHE/bench/models`, keyed by
+data, model and budget). Students see only their subset (the small-transfer-set setting of Hinton et
+al. 2015, sec. 3, where KD helps: see the demo).
+
+- TRG, LLaVA-KD: student `small_cnn` 8-16-32; tokens are the 7×7 feature maps (`features.2`, 49
+  tokens) of both.
+- DHO (1 % and 10 % labels): the pool teacher plays the paper's external VLM; the students see the
+  semi-supervised subset (labelled samples repeated to balance the batches). Scratch = CE on the labelled part only;
   plain KD = 0.9·KD on all + 0.1·CE on labelled; DHO's mix (α, β) is picked on a held-out labelled
   validation set (500 training images outside both pools), never on the test split.
 - DeGLA: `fmnist_captions` (two items side by side, caption [a, LEFT_OF, b], negatives swapped /
@@ -15,7 +20,7 @@ mean ± std over seeds.
   external teacher, NegCLIP is the baseline it improves on) and DeGLA (EMA anchor, decay 0.9996).
   Metrics: compositional accuracy (true caption beats both negatives) and 90-way caption retrieval
   (the general ability the anchor should keep).
-- LELP: binary Fashion-MNIST (tops {0, 2, 4, 6} vs the rest); teacher `fmnist_cnn` (2 classes), student
+- LELP: binary Fashion-MNIST (tops {0, 2, 4, 6} vs the rest); teacher `fmnist_cnn` (2 classes, same pool), student
   an MLP (32 hidden) with a 2·5-way subclass head; LELP uses no label (α = 0, as in the paper).
 
 Used by `benchmarks/seed_methods.py`: `rows(quick, seeds) -> list[dict]`.
@@ -47,14 +52,17 @@ TOPS = [[0, 2, 4, 6], [1, 3, 5, 7, 8, 9]]
 class Budget:
     train: int = 3000
     test: int = 2000
-    epochs: int = 3
+    epochs: int = 15
     teacher_epochs: int = 3
     batch_size: int = 64
     lr: float = 3e-3
     max_steps: int | None = None
+    pool: int | None = None            # teacher images (default: all the rest of the 60k)
+    lr_schedule: str = "cosine"
+    degla_epochs: int = 3              # DeGLA's dual encoder: CLIP pre-training (+2) and each fine-tuning
 
 
-QUICK = Budget(train=256, test=128, epochs=1, teacher_epochs=1, batch_size=32, max_steps=4)
+QUICK = Budget(train=256, test=128, epochs=1, teacher_epochs=1, batch_size=32, max_steps=4, pool=512, degla_epochs=1)
 
 
 class ClsBench:
@@ -67,20 +75,21 @@ class ClsBench:
         perm = torch.from_numpy(__import__("numpy").random.default_rng(0).permutation(len(full)))
         pick = lambda idx: TensorDataset(full.x[idx], full.y[idx], 10, "fashion_mnist", {})  # noqa: E731
         self.train = pick(perm[: b.train])
-        self.pool = pick(perm[b.train : 2 * b.train])          # the DHO teacher's disjoint pool
-        self.val = pick(perm[2 * b.train : 2 * b.train + 500])  # DHO's mix selection
+        self.val = pick(perm[b.train : b.train + 500])  # DHO's mix selection
+        end = None if b.pool is None else b.train + 500 + b.pool
+        self.pool = pick(perm[b.train + 500 : end])    # the teachers' images, disjoint from both
         self.test = DATASETS.build("fashion_mnist", split="test", subset=b.test)
         self._teachers: dict[str, torch.nn.Module] = {}
+        self.teacher_info: dict[str, dict[str, Any]] = {}
 
     def fit(self, model: torch.nn.Module, objective: Any, data: Any, seed: int, teacher: Any = None,
-            views: dict[str, str] | None = None, epochs: int | None = None) -> torch.nn.Module:
-        from still.engine import TrainConfig, train
+            views: dict[str, str] | None = None, epochs: int | None = None, batch_size: int | None = None,
+            lr: float | None = None) -> torch.nn.Module:
+        from _seed_common import fit
 
         b = self.b
-        cfg = TrainConfig(epochs=epochs or b.epochs, max_steps=b.max_steps, batch_size=min(b.batch_size, len(data)),
-                          lr=b.lr, seed=seed, progress=False, eval_every_epochs=None, log_every=10_000)
-        train(model, objective, data, cfg, teacher=teacher, student_views=views or {"logits": ""})
-        return model.eval()
+        return fit(model, objective, data, seed, epochs=epochs or b.epochs, batch_size=batch_size or b.batch_size,
+                   lr=lr or b.lr, max_steps=b.max_steps, teacher=teacher, views=views, lr_schedule=b.lr_schedule)
 
     @staticmethod
     @torch.no_grad()
@@ -93,18 +102,28 @@ class ClsBench:
         from still.methods.base import build_method
         from still.registry import MODELS
 
+        from still.bench import cached_model
+
         if kind not in self._teachers:
-            torch.manual_seed(0)
-            data = {"main": self.train, "pool": self.pool, "binary": self.binary("train")}[kind]
-            m = MODELS.build("fmnist_cnn", num_classes=data.num_classes)
-            self._teachers[kind] = self.fit(m, build_method("scratch").objective(), data, 0,
-                                            epochs=self.b.teacher_epochs)
+            b = self.b
+            data = {"pool": self.pool, "binary": self.binary("pool")}[kind]
+            key = {"part": "seed_cls", "kind": kind, "model": "fmnist_cnn", "n": len(data), "train": b.train,
+                   "pool": b.pool, "epochs": b.teacher_epochs, "batch": 128, "lr": 2e-3, "schedule": b.lr_schedule,
+                   "max_steps": b.max_steps, "first": float(data.x[:64].sum()), "labels": int(data.y.sum())}
+
+            def build() -> torch.nn.Module:
+                torch.manual_seed(0)
+                return MODELS.build("fmnist_cnn", num_classes=data.num_classes)
+
+            fit = lambda m: self.fit(m, build_method("scratch").objective(), data, 0,  # noqa: E731
+                                     epochs=b.teacher_epochs, batch_size=128, lr=2e-3)
+            self._teachers[kind], self.teacher_info[kind] = cached_model(key, build, fit, name=f"seed_cls_{kind}")
         return self._teachers[kind]
 
     def binary(self, split: str) -> Any:
         from still.data.base import TensorDataset
 
-        ds = self.train if split == "train" else self.test
+        ds = {"train": self.train, "pool": self.pool, "test": self.test}[split]
         y = torch.zeros_like(ds.y)
         for c in TOPS[1]:
             y[ds.y == c] = 1
@@ -145,13 +164,12 @@ def degla_results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
     pairs = torch.tensor([[a, 10, c] for a in range(10) for c in range(10) if a != c])
 
     def fit(m: torch.nn.Module, method: str, epochs: int, seed: int, lr: float) -> torch.nn.Module:
+        from _seed_common import fit as fit_
+
         spec = build_method(method)
         t = spec.wrap_teacher(None, m) if spec.wrap_teacher else None
-        cfg = TrainConfig(epochs=epochs, max_steps=b.max_steps, batch_size=b.batch_size, lr=lr, seed=seed,
-                          progress=False, eval_every_epochs=None, log_every=10_000)
-        train(m, spec.objective(), tr, cfg, teacher=t, student_views=spec.student_views,
-              student_inputs=["x", "text", "neg"])
-        return m.eval()
+        return fit_(m, spec.objective(), tr, seed, epochs=epochs, batch_size=b.batch_size, lr=lr,
+                    max_steps=b.max_steps, teacher=t, views=spec.student_views, inputs=["x", "text", "neg"])
 
     @torch.no_grad()
     def scores(m: torch.nn.Module) -> tuple[float, float]:
@@ -162,13 +180,13 @@ def degla_results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
         return comp, float(((v @ c.T).argmax(-1) == truth).float().mean())
 
     torch.manual_seed(0)
-    pre = fit(MODELS.build("dual_encoder_tiny"), "clip", b.epochs + 2, 0, b.lr)
+    pre = fit(MODELS.build("dual_encoder_tiny"), "clip", b.degla_epochs + 2, 0, b.lr)
     out: dict[str, list[float]] = {}
     out["pretrained"], out["pretrained_retrieval"] = map(lambda v: [v], scores(pre))
     for seed in seeds:
         for key, method in (("scratch_degla", "clip"), ("kd_degla", "negclip"), ("degla", "degla")):
             torch.manual_seed(seed)
-            comp, ret = scores(fit(copy.deepcopy(pre).train(), method, b.epochs, seed, b.lr / 3))
+            comp, ret = scores(fit(copy.deepcopy(pre).train(), method, b.degla_epochs, seed, b.lr / 3))
             out.setdefault(key, []).append(comp)
             out.setdefault(key.replace("degla", "degla_retrieval"), []).append(ret)
     return out
@@ -183,22 +201,12 @@ def _student(seed: int, name: str = "small_cnn", **kw: Any) -> torch.nn.Module:
     return MODELS.build(name, **kw)
 
 
-def _verdict(sm: float, ss: float, km: float, ks: float, mm: float, ms: float) -> str:
-    if mm > km + ks + ms:
-        return "beats plain KD, but below scratch" if mm < sm - ss - ms else "beats plain KD"
-    if mm > sm + ss + ms:
-        return "beats scratch, not plain KD"
-    if mm >= km - ks - ms:
-        return "ties plain KD (within std)"
-    return "does not beat plain KD here"
-
-
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: bool = True) -> list[dict[str, Any]]:
     """One dict per method: scratch / kd / method accuracy mean ± std over `seeds`, the claim, a verdict.
 
     `budget` overrides the default (full) or QUICK budget; `degla=False` leaves the DeGLA rows out.
     """
-    from still.bench import mean_std
+    from _seed_common import row
     from still.losses.teacher_shaping import dho_select_mix
     from still.methods.base import build_method
     from still.teachers.base import LiveTeacher
@@ -211,7 +219,8 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
     res: dict[str, list[float]] = {}
     add = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
     tok = {"logits": "", "tokens": "features.2"}
-    main, pool, binary = bench.teacher("main"), bench.teacher("pool"), bench.teacher("binary")
+    main = pool = bench.teacher("pool")  # one teacher, disjoint from every student's images
+    binary = bench.teacher("binary")
     bin_train, bin_test = bench.binary("train"), bench.binary("test")
     teacher_acc = {"main": bench.acc(main, bench.test), "pool": bench.acc(pool, bench.test),
                    "binary": bench.acc(binary, bin_test)}
@@ -267,67 +276,10 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
               ("degla_retrieval", "scratch_degla_retrieval", "kd_degla_retrieval",
                "fmnist_captions: 90-way caption retrieval (vs CLIP / NegCLIP)", "degla_retrieval")]
     for m, sk, kk, task, tk in layout:
-        if m not in res:
-            continue
-        sm, ss = mean_std(res[sk])
-        km, ks = mean_std(res[kk])
-        mm, ms = mean_std(res[m])
-        out.append({"method": m, "task": task, "metric": METRIC, "scratch_mean": sm, "scratch_std": ss,
-                    "kd_mean": km, "kd_std": ks, "method_mean": mm, "method_std": ms, "paper_claim": CLAIMS[m],
-                    "verdict": _verdict(sm, ss, km, ks, mm, ms), "seeds": len(seeds), "teacher": teacher_acc[tk]})
+        if m in res:
+            out.append(row(m, task, METRIC, res, (sk, kk, m), CLAIMS[m], teacher_acc[tk],
+                           teacher_source=bench.teacher_info.get("binary" if tk == "binary" else "pool", {}).get("source")))
     wall = time.perf_counter() - t0
     for r in out:
         r["wall_s_part"] = wall
     return out
-
-
-SECTION = "Seed methods: classification part (6B)"
-
-
-def write_rows(rows_: list[dict[str, Any]], note: str = "") -> str:
-    """Write this part's own BENCHMARKS.md section (the combined table is `seed_methods.py`'s); returns it."""
-    from still.bench import markdown_table, write_section
-
-    pct = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
-    header = ["method", "task", "scratch", "plain KD", "method", "teacher", "paper's claim", "verdict"]
-    table = [[r["method"], r["task"], pct(r["scratch_mean"], r["scratch_std"]), pct(r["kd_mean"], r["kd_std"]),
-              pct(r["method_mean"], r["method_std"]), f"{100 * r['teacher']:.2f}", r["paper_claim"], r["verdict"]]
-             for r in rows_]
-    md = (f"{note}Accuracy (%), mean ± std over {rows_[0]['seeds'] if rows_ else 0} seeds, same student and "
-          "budget in each row; see benchmarks/_seed_cls.py for the setup of each task. For DHO the teacher is "
-          "trained on a disjoint labelled pool (the paper's external VLM); for DeGLA the columns are CLIP / "
-          "NegCLIP fine-tuning of the same pretrained encoder and `teacher` is the pretrained encoder.\n\n"
-          + markdown_table(header, table))
-    write_section(SECTION, md, command="python benchmarks/_seed_cls.py")
-    return md
-
-
-if __name__ == "__main__":  # this part alone: `python benchmarks/_seed_cls.py [--quick]`
-    import json
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "src"))
-    from still.bench import emit_json
-
-    import argparse
-
-    ap = argparse.ArgumentParser(description="classification seed methods (6B) alone")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--seeds", type=int, default=None)
-    ap.add_argument("--train", type=int, default=None, help="override the training subset size")
-    ap.add_argument("--epochs", type=int, default=None, help="override the student (and teacher) epochs")
-    ap.add_argument("--teacher-epochs", type=int, default=None, help="override the teachers' epochs")
-    args = ap.parse_args()
-    quick = args.quick
-    bud = QUICK if quick else Budget()
-    bud.train = args.train or bud.train
-    if args.epochs:
-        bud.epochs = bud.teacher_epochs = args.epochs
-    bud.teacher_epochs = args.teacher_epochs or bud.teacher_epochs
-    got = rows(quick, list(range(args.seeds or (1 if quick else 3))), budget=bud)
-    for r in got:
-        print(json.dumps(r))
-    if not args.no_write and not args.quick:  # a quick run is a smoke test: print only
-        write_rows(got, "Quick smoke run: not a result. " if quick else f"Budget: {bud}. ")
-    emit_json({"part": "cls", "rows": got})

@@ -1,35 +1,46 @@
 """Issue 6's seed methods: each method's student vs the student from scratch vs plain KD, same task and
-budget, mean ± std over seeds, with the paper's claim beside it. Rows come from the part modules
-`benchmarks/_seed_dense.py` (dense prediction on the Fashion-MNIST mosaics),
-`benchmarks/_seed_cls.py` (classification / relations / teacher shaping), `benchmarks/_seed_ood.py`
-(OOD-VLM distillation, held-out classes), `benchmarks/_seed_arra.py` (ARRA on patch tokens) and
-`benchmarks/_seed_ssl.py` (MMC / CMD momentum self-distillation, reconstructed from the abstract), each
-exposing `rows(quick, seeds) -> list[dict]`; a missing or failing module is reported, not fatal. Each
-part also writes its own BENCHMARKS.md section when run alone (`python benchmarks/_seed_ood.py`).
-Rows with `fmt: "raw"` are printed as numbers, not percentages (`lower_better` marks the metric).
+budget, mean ± std over seeds, with the paper's claim beside it, in one BENCHMARKS.md table.
 
-    python benchmarks/seed_methods.py --quick          # < 60 s: 1 seed, tiny budgets (a smoke run)
-    python benchmarks/seed_methods.py                  # the full table: 3 seeds
-    python benchmarks/seed_methods.py --parts dense --dense-train 320 --dense-epochs 2   # a smaller full run
+Rows come from the part modules, each exposing `Budget`, `QUICK` and `rows(quick, seeds, budget)`
+(shared helpers in `benchmarks/_seed_common.py`): `_seed_dense` (dense prediction on the Fashion-MNIST
+mosaics), `_seed_cls` (classification / relations / teacher shaping), `_seed_ood` (OOD-VLM
+distillation, held-out classes), `_seed_arra` (ARRA on patch tokens) and `_seed_ssl` (MMC / CMD
+momentum self-distillation, reconstructed from the abstract). A failing part is reported, not fatal.
+Parts run in `--jobs` worker processes of one torch thread each (the models are tiny: one thread each
+beats two threads for one). Each part's rows are saved to `benchmarks/results/seed_methods.json`, so a
+run of some parts (`--parts cls`) rewrites the table with the other parts' saved rows, marked with
+the date and command that made them.
+
+    python benchmarks/seed_methods.py --quick                    # < 60 s: 1 seed, tiny budgets; prints only
+    python benchmarks/seed_methods.py                            # the full table: 3 seeds, 2 jobs
+    python benchmarks/seed_methods.py --parts ood --budget ood.epochs=5   # one part, a budget override
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
+import multiprocessing
+import os
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 
 from still.bench import emit_json, markdown_table, write_section  # noqa: E402
 
 SECTION = "Seed methods"
-PARTS = {"dense": "_seed_dense", "cls": "_seed_cls", "ood": "_seed_ood", "arra": "_seed_arra", "ssl": "_seed_ssl"}
+# longest first, so that `--jobs 2` puts the dense part on one worker and the others on the second
+PARTS = {"dense": "_seed_dense", "cls": "_seed_cls", "arra": "_seed_arra", "ood": "_seed_ood", "ssl": "_seed_ssl"}
+SAVED = HERE / "results" / "seed_methods.json"
 
 
 def _pct(m: float, s: float, fmt: str = "pct") -> str:
@@ -41,64 +52,119 @@ def _col(r: dict[str, Any], key: str) -> str:
     return f" ({r[key]})" if r.get(key) else ""
 
 
+def parse_budgets(items: list[str]) -> dict[str, dict[str, str]]:
+    """`["dense.epochs=8", "cls.train=2000"]` → {"dense": {"epochs": "8"}, "cls": {"train": "2000"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        head, sep, value = item.partition("=")
+        part, dot, field = head.partition(".")
+        if not sep or not dot or part not in PARTS:
+            raise SystemExit(f"--budget {item!r}: expected PART.FIELD=VALUE with PART in {', '.join(PARTS)}")
+        out.setdefault(part, {})[field] = value
+    return out
+
+
+def make_budget(mod: Any, quick: bool, overrides: dict[str, str]) -> Any:
+    """The part's QUICK or default Budget with `overrides` applied (typed by the dataclass's defaults)."""
+    b = dataclasses.replace(mod.QUICK) if quick else mod.Budget()
+    fields = {f.name: f for f in dataclasses.fields(b)}
+    for name, raw in overrides.items():
+        if name not in fields:
+            raise SystemExit(f"--budget: {mod.__name__}.Budget has no field {name!r}; fields: {', '.join(fields)}")
+        cur = getattr(b, name)
+        kind = type(cur) if cur is not None else (int if raw.lstrip("-").isdigit() else float)
+        setattr(b, name, None if raw.lower() == "none" else kind(raw))
+    return b
+
+
+def run_part(part: str, quick: bool, seeds: list[int], overrides: dict[str, str]) -> dict[str, Any]:
+    """Run one part in this process (a worker: one torch thread); never raises."""
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        mod = importlib.import_module(PARTS[part])
+        budget = make_budget(mod, quick, overrides)
+        got = mod.rows(quick, seeds, budget)
+        for r in got:
+            r["part"] = part
+        return {"part": part, "rows": got, "seconds": time.perf_counter() - t0, "budget": repr(budget), "error": None}
+    except SystemExit:
+        raise
+    except Exception as exc:  # a broken part must not hide the others' rows
+        traceback.print_exc()
+        return {"part": part, "rows": [], "seconds": time.perf_counter() - t0, "budget": None,
+                "error": f"{type(exc).__name__}: {exc}"}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    header = ["method", "task", "metric", "scratch", "plain KD", "method", "teacher", "paper's claim", "verdict"]
+    body = [[r["method"], r["task"], r["metric"] + (" (lower is better)" if r.get("lower_better") else ""),
+             _pct(r["scratch_mean"], r["scratch_std"], r.get("fmt", "pct")) + _col(r, "scratch_column"),
+             _pct(r["kd_mean"], r["kd_std"], r.get("fmt", "pct")) + _col(r, "kd_column"),
+             _pct(r["method_mean"], r["method_std"], r.get("fmt", "pct")),
+             f"{100 * r['teacher']:.2f}" if isinstance(r.get("teacher"), float) else "–",
+             r["paper_claim"], r["verdict"]] for r in rows]
+    return markdown_table(header, body)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one seed, tiny budgets (< 60 s)")
+    ap.add_argument("--quick", action="store_true", help="one seed, tiny budgets (< 60 s); prints only")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 quick, 3 full)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run ({', '.join(PARTS)})")
-    ap.add_argument("--dense-train", type=int, default=None, help="override the dense part's training canvases")
-    ap.add_argument("--dense-epochs", type=int, default=None, help="override the dense part's student epochs")
+    ap.add_argument("--budget", action="append", default=[], metavar="PART.FIELD=VALUE",
+                    help="override a field of a part's Budget (repeatable), e.g. dense.epochs=8")
+    ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: 1 quick, 2 full)")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
-    ap.add_argument("--write", action="store_true", help="with --quick: write the section anyway (it is a smoke run)")
+    ap.add_argument("--write", action="store_true", help="with --quick: write the section anyway (a smoke run)")
     args = ap.parse_args(argv)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    for p in parts:
+        if p not in PARTS:
+            raise SystemExit(f"--parts: unknown part {p!r}; known: {', '.join(PARTS)}")
+    budgets = parse_budgets(args.budget)
+    jobs = max(1, min(args.jobs or (1 if args.quick else 2), len(parts)))
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    for part in [p.strip() for p in args.parts.split(",") if p.strip()]:
-        mod_name = PARTS.get(part)
-        if mod_name is None:
-            raise SystemExit(f"--parts: unknown part {part!r}; known: {', '.join(PARTS)}")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as exc:
-            notes.append(f"part {part!r}: module {mod_name} not available ({exc})")
-            continue
-        if part == "dense" and (args.dense_train or args.dense_epochs):
-            b = mod.QUICK if args.quick else mod.Budget()
-            b.train = args.dense_train or b.train
-            b.epochs = args.dense_epochs or b.epochs
-            mod.Budget = lambda b=b: b  # type: ignore[assignment]
-            mod.QUICK = b
-            notes.append(f"dense budget: {b}")
-        try:
-            t1 = time.perf_counter()
-            got = mod.rows(args.quick, seeds)
-            for r in got:
-                r.setdefault("part", part)
-            rows += got
-            notes.append(f"part {part!r}: {len(got)} rows in {time.perf_counter() - t1:.0f} s")
-        except Exception as exc:  # a broken part must not hide the other's rows
-            notes.append(f"part {part!r} failed: {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-    header = ["method", "task", "metric", "scratch", "plain KD", "method", "teacher", "paper's claim", "verdict"]
-    table = [[r["method"], r["task"], r["metric"] + (" (lower is better)" if r.get("lower_better") else ""),
-              _pct(r["scratch_mean"], r["scratch_std"], r.get("fmt", "pct")) + _col(r, "scratch_column"),
-              _pct(r["kd_mean"], r["kd_std"], r.get("fmt", "pct")) + _col(r, "kd_column"),
-              _pct(r["method_mean"], r["method_std"], r.get("fmt", "pct")),
-              f"{100 * r['teacher']:.2f}" if isinstance(r.get("teacher"), float) else "–",
-              r["paper_claim"], r["verdict"]] for r in rows]
+    if jobs == 1:
+        done = [run_part(p, args.quick, seeds, budgets.get(p, {})) for p in parts]
+    else:
+        os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before torch loads there
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_part, p, args.quick, seeds, budgets.get(p, {})) for p in parts]
+            done = [f.result() for f in futures]
     wall = time.perf_counter() - t0
+    cmd = "python " + " ".join(["benchmarks/seed_methods.py"] + (argv if argv is not None else sys.argv[1:]))
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    fresh = {d["part"]: {**d, "command": cmd, "date": stamp} for d in done if not d["error"]}
+    saved: dict[str, Any] = {}
+    if SAVED.exists() and not args.quick:
+        saved = {k: v for k, v in json.loads(SAVED.read_text()).items() if k in PARTS and k not in fresh}
+    merged = {p: (fresh.get(p) or saved.get(p)) for p in PARTS if fresh.get(p) or saved.get(p)}
+    rows = [r for p in merged.values() for r in p["rows"]]
+    notes = [f"part {d['part']!r}: " + (f"failed: {d['error']}" if d["error"] else
+                                         f"{len(d['rows'])} rows in {d['seconds']:.0f} s; {d['budget']}")
+             for d in done]
+    notes += [f"part {p!r}: {len(v['rows'])} rows carried over from `{v['command']}` ({v['date']}, "
+              f"{v['seconds']:.0f} s; {v['budget']})" for p, v in saved.items()]
     md = (f"{'Quick smoke run (1 seed, tiny budgets): not a result. ' if args.quick else ''}"
           "Figures in % unless the metric says otherwise (ARRA: nats/token and Fréchet distance, lower is "
-          "better); a parenthesis in a baseline cell says what that baseline is for that row. "
-          f"Mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s on "
-          f"{__import__('torch').get_num_threads()} thread(s), CPU shared with other jobs.\n\n"
-          + markdown_table(header, table) + "\n\n" + "\n".join(f"- {n}" for n in notes))
+          "better); a parenthesis in a baseline cell says what that baseline is for that row. Verdicts: "
+          "'beats X' when the means differ by more than the two stds together. "
+          f"Mean ± std over {len(seeds)} seed(s); this run: wall {wall:.0f} s, {jobs} worker process(es) of one "
+          "torch thread each. The setup of each part is in its module's docstring.\n\n"
+          + table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes))
     print(md)
+    if not args.quick:
+        SAVED.parent.mkdir(parents=True, exist_ok=True)
+        tmp = SAVED.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=1, default=float))
+        os.replace(tmp, SAVED)
     if not args.no_write and (not args.quick or args.write):
-        write_section(SECTION, md)
-    figures = {"wall_s": wall, "seeds": len(seeds), "quick": args.quick, "rows": rows, "notes": notes}
+        write_section(SECTION, md, command=cmd)
+    figures = {"wall_s": wall, "seeds": len(seeds), "quick": args.quick, "jobs": jobs, "rows": rows, "notes": notes}
     emit_json(figures)
     return figures
 

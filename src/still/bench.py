@@ -111,6 +111,46 @@ def write_section(name: str, markdown: str, command: str | None = None, path: Pa
     return path
 
 
+def cache_dir(*parts: str) -> Path:
+    """`$STILL_CACHE/bench/<parts...>` (default `~/.cache/still/bench`), created."""
+    root = Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still")).expanduser() / "bench"
+    out = root.joinpath(*parts)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cached_model(key: Mapping[str, Any], build: Callable[[], torch.nn.Module],
+                 fit: Callable[[torch.nn.Module], Any], name: str = "teacher") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """`build()` then `fit(model)`, or the weights a previous call with the same `key` saved.
+
+    The key (any JSON-able description of data, model and budget) is hashed into
+    `$STILL_CACHE/bench/models/<name>-<hash>.safetensors`, written atomically; a file that does not
+    match the built model's parameters raises instead of being loaded silently. Returns
+    (model in eval mode, {"source": "cached" | "trained", "seconds": fit or load time, "path"}).
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir("models") / f"{name}-{digest}.safetensors"
+    model = build()
+    t0 = time.perf_counter()
+    if path.exists():
+        state = load_file(str(path))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"cached model {path} does not fit {type(model).__name__}: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}; delete the file to retrain")
+        return model.eval(), {"source": "cached", "seconds": time.perf_counter() - t0, "path": str(path)}
+    fit(model)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp),
+              metadata={"key": json.dumps(key, sort_keys=True, default=str)})
+    os.replace(tmp, path)
+    return model.eval(), {"source": "trained", "seconds": time.perf_counter() - t0, "path": str(path)}
+
+
 def emit_json(figures: Mapping[str, Any]) -> None:
     """Print the benchmark's figures as one JSON object on the last line of stdout."""
     print(json.dumps(figures, default=float), flush=True)
