@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -165,39 +165,32 @@ def prepare_teacher(
     return model, None, info
 
 
-def _train_variant(
-    recipe: Recipe, variant: str, seed: int, train: Any, test: Any, teacher_model: nn.Module | None,
-    store: Any, out: Path, resume: bool, progress: bool | None, log: _Log,
-) -> dict[str, Any]:
-    from still.metrics import make_eval_fn
-
-    out.mkdir(parents=True, exist_ok=True)
+def _finished(out: Path, resume: bool, seed: int, variant: str, log: _Log) -> dict[str, Any] | None:
+    """With `resume`, the result of a seed's variant that already finished (`out/result.json`); else None."""
     done = out / "result.json"
     if resume and done.exists():
         log(f"seed {seed} {variant}: already finished, reusing {done}")
         return json.loads(done.read_text())
+    return None
+
+
+def _fit_student(
+    recipe: Recipe, variant: str, seed: int, train: Any, out: Path, resume: bool, progress: bool | None, log: _Log,
+    teacher_for: Callable[[Any, nn.Module], Any], eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    detail: str = "",
+) -> tuple[nn.Module, float]:
+    """Build the variant's objective and seeded student, train it into `out` against `teacher_for(parts, student)`
+    (resuming from `out/checkpoints/last` if asked and there), save it; return (student on CPU, train seconds)."""
+    out.mkdir(parents=True, exist_ok=True)
     _, train_fn = _engine()
     parts = build_objective(recipe, method="scratch", method_params={}) if variant == "scratch" else build_objective(recipe)
     student = seeded_model(recipe.student.model, "student.model", seed, train)
     if recipe.student.weights:
         load_weights(student, recipe.student.weights, "student.weights")
-    need_t = parts.objective.teacher_views()
-    teacher = None
-    if variant == "distilled":
-        if store is not None:
-            teacher = store
-        elif teacher_model is not None and need_t:
-            assert recipe.teacher is not None
-            teacher = build_live_teacher(teacher_model, recipe.teacher, {k: parts.teacher_views[k] for k in need_t})
-        if parts.wrap_teacher is not None:
-            teacher = parts.wrap_teacher(teacher, student)
-        if parts.prepare is not None:
-            parts.prepare(teacher, student, train)
+    teacher = teacher_for(parts, student)
     cfg = _config(recipe.train, "train", seed=seed, progress=progress)
-    eval_fn = (make_eval_fn(test, recipe.eval.metrics, recipe.eval.batch_size, recipe.student.inputs)
-               if recipe.eval.metrics else None)
     resume_here = resume and (out / "checkpoints" / "last").exists()
-    log(f"[bold]seed {seed}[/] {variant}: training {recipe.student.model.name or 'student'} "
+    log(f"[bold]seed {seed}[/] {variant}: training {recipe.student.model.name or 'student'}{detail} "
         f"(terms: {', '.join(t.name for t in parts.objective.terms)}){' resuming' if resume_here else ''}")
     t0 = time.perf_counter()
     train_fn(student, parts.objective, train, config=cfg, teacher=teacher, student_views=parts.student_views,
@@ -205,10 +198,44 @@ def _train_variant(
     train_s = time.perf_counter() - t0
     student = student.cpu()
     _save_state(student, out / "student.safetensors")
+    return student, train_s
+
+
+def _variant_teacher(recipe: Recipe, variant: str, parts: Any, student: nn.Module, train: Any,
+                     teacher_model: nn.Module | None, store: Any) -> Any:
+    """The teacher a variant trains against: None for scratch; for distilled the store or the live teacher
+    serving the objective's teacher views, wrapped and prepared as the method asks."""
+    if variant != "distilled":
+        return None
+    teacher, need_t = store, parts.objective.teacher_views()
+    if store is None and teacher_model is not None and need_t:
+        assert recipe.teacher is not None
+        teacher = build_live_teacher(teacher_model, recipe.teacher, {k: parts.teacher_views[k] for k in need_t})
+    if parts.wrap_teacher is not None:
+        teacher = parts.wrap_teacher(teacher, student)
+    if parts.prepare is not None:
+        parts.prepare(teacher, student, train)
+    return teacher
+
+
+def _train_variant(
+    recipe: Recipe, variant: str, seed: int, train: Any, test: Any, teacher_model: nn.Module | None,
+    store: Any, out: Path, resume: bool, progress: bool | None, log: _Log,
+) -> dict[str, Any]:
+    from still.metrics import make_eval_fn
+
+    reused = _finished(out, resume, seed, variant, log)
+    if reused is not None:
+        return reused
+    eval_fn = (make_eval_fn(test, recipe.eval.metrics, recipe.eval.batch_size, recipe.student.inputs)
+               if recipe.eval.metrics else None)
+    student, train_s = _fit_student(
+        recipe, variant, seed, train, out, resume, progress, log, eval_fn=eval_fn,
+        teacher_for=lambda parts, s: _variant_teacher(recipe, variant, parts, s, train, teacher_model, store))
     result = _measure(student, test, recipe, recipe.student.inputs)
     result["train_s"] = train_s
     result["seed"] = seed
-    done.write_text(json.dumps(result, indent=2))
+    (out / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -390,27 +417,13 @@ def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, 
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
         out = run_dir / f"seed{seed}" / "distilled"
-        done = out / "result.json"
-        if resume and done.exists():
-            log(f"seed {seed} distilled: already finished, reusing {done}")
-            per_seed[seed] = json.loads(done.read_text())
+        reused = _finished(out, resume, seed, "distilled", log)
+        if reused is not None:
+            per_seed[seed] = reused
             continue
-        out.mkdir(parents=True, exist_ok=True)
-        _, train_fn = _engine()
-        parts = build_objective(recipe)
-        student = seeded_model(recipe.student.model, "student.model", seed, train)
-        if recipe.student.weights:
-            load_weights(student, recipe.student.weights, "student.weights")
-        cfg = _config(recipe.train, "train", seed=seed, progress=progress)
-        resume_here = resume and (out / "checkpoints" / "last").exists()
-        log(f"[bold]seed {seed}[/] distilled: training {recipe.student.model.name or 'student'} on {len(train)} texts "
-            f"(terms: {', '.join(t.name for t in parts.objective.terms)}){' resuming' if resume_here else ''}")
-        t1 = time.perf_counter()
-        train_fn(student, parts.objective, train, config=cfg, teacher=teacher, student_views=parts.student_views,
-                 student_inputs=recipe.student.inputs, eval_fn=None, out_dir=str(out), resume=resume_here)
-        train_s = time.perf_counter() - t1
-        student = student.cpu().eval()
-        _save_state(student, out / "student.safetensors")
+        student, train_s = _fit_student(recipe, "distilled", seed, train, out, resume, progress, log,
+                                        teacher_for=lambda parts, s: teacher, detail=f" on {len(train)} texts")
+        student = student.eval()
         if hasattr(student, "save"):
             student.save(out / "model")  # SentenceTransformer(out / "model") loads it
         enc = (lambda t, s=student: s.encode(t, bs)) if hasattr(student, "encode") else None
@@ -421,7 +434,7 @@ def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, 
         res.update({m: res[k] for m, k in ee.PRIMARY.items() if m in metrics and k in res})  # by metric name too
         if "wordnet_r1" in res and t_row.get("wordnet_r1"):
             res["r1_of_teacher"] = res["wordnet_r1"] / t_row["wordnet_r1"]
-        done.write_text(json.dumps(res, indent=2))
+        (out / "result.json").write_text(json.dumps(res, indent=2))
         per_seed[seed] = res
     tps = [r["reference_sent_per_s"] for r in per_seed.values() if "reference_sent_per_s" in r]
     if tps:
