@@ -1,7 +1,9 @@
 """Fashion-MNIST mosaics: a dense-prediction task built deterministically from the real images.
 
 Each canvas (1, 2·cell, 2·cell) holds up to four Fashion-MNIST items, one per quadrant, each shifted
-by a seeded offset inside its cell. Labels:
+by a seeded offset inside its cell. `item` < 28 first shrinks every image to item × item (area
+averaging), so a smaller canvas (e.g. `cell=16, item=14`: 32 × 32, a quarter of the pixels) keeps
+whole items inside a small U-Net's receptive field. Labels:
 - `mask` (H, W) int64: the item's class + 1 on the item's pixels (raw intensity > `threshold`), 0 for
   background — 11 classes in all;
 - `boxes` (4, 4) float32 `(x0, y0, x1, y1)` tight boxes, `box_labels` (4,) int64 (class + 1; 0 and a
@@ -57,19 +59,32 @@ class MosaicDataset(Dataset):
         return self._fp
 
 
+def shrink(imgs: np.ndarray, item: int) -> np.ndarray:
+    """Images (N, S, S) float32 resized to (N, item, item) by area averaging (unchanged if item == S)."""
+    if item == imgs.shape[-1]:
+        return imgs
+    import torch.nn.functional as F
+
+    return F.interpolate(torch.from_numpy(imgs)[:, None], size=(item, item), mode="area")[:, 0].numpy()
+
+
 def build_mosaics(images: np.ndarray, labels: np.ndarray, num_samples: int, seed: int, cell: int = 32,
-                  p_empty: float = 0.25, threshold: float = 0.1) -> tuple[torch.Tensor, ...]:
-    """Compose `num_samples` mosaics from `images` (N, 28, 28) uint8/float in [0, 1] and `labels` (N,)."""
+                  p_empty: float = 0.25, threshold: float = 0.1, item: int = 28) -> tuple[torch.Tensor, ...]:
+    """Compose `num_samples` mosaics from `images` (N, 28, 28) uint8/float in [0, 1] and `labels` (N,);
+    `item` < 28 shrinks the images to item × item first (the seeded draws are the same)."""
+    if not 1 <= item <= cell:
+        raise ValueError(f"build_mosaics: item={item} must lie in [1, cell={cell}]")
     rng = np.random.default_rng(seed)
     imgs = images.astype(np.float32)
     if imgs.max() > 1.0:
         imgs = imgs / 255.0
+    imgs = shrink(imgs, item)
     side = 2 * cell
     xs = np.zeros((num_samples, 1, side, side), np.float32)
     masks = np.zeros((num_samples, side, side), np.int64)
     boxes = -np.ones((num_samples, 4, 4), np.float32)
     blabels = np.zeros((num_samples, 4), np.int64)
-    slack = cell - 28
+    slack = cell - item
     for i in range(num_samples):
         empty = rng.random(4) < p_empty
         if empty.all():
@@ -81,9 +96,9 @@ def build_mosaics(images: np.ndarray, labels: np.ndarray, num_samples: int, seed
             dy, dx = (int(v) for v in rng.integers(0, slack + 1, size=2))
             y0, x0 = (q // 2) * cell + dy, (q % 2) * cell + dx
             img = imgs[k]
-            xs[i, 0, y0 : y0 + 28, x0 : x0 + 28] = img
+            xs[i, 0, y0 : y0 + item, x0 : x0 + item] = img
             on = img > threshold
-            masks[i, y0 : y0 + 28, x0 : x0 + 28][on] = labels[k] + 1
+            masks[i, y0 : y0 + item, x0 : x0 + item][on] = labels[k] + 1
             if on.any():
                 rows, cols = np.where(on)
                 boxes[i, q] = (x0 + cols.min(), y0 + rows.min(), x0 + cols.max() + 1, y0 + rows.max() + 1)
@@ -93,19 +108,22 @@ def build_mosaics(images: np.ndarray, labels: np.ndarray, num_samples: int, seed
 
 @register_dataset("fmnist_mosaic", paper="built here from Fashion-MNIST (Xiao et al. 2017)")
 def fmnist_mosaic(split: str = "train", num_samples: int = 4000, seed: int = 0, cell: int = 32,
-                  root: str | None = None, normalize: bool = True) -> MosaicDataset:
-    """Fashion-MNIST mosaics for segmentation / detection: x (1, 64, 64), mask (64, 64) in 0..10."""
+                  root: str | None = None, normalize: bool = True, item: int = 28) -> MosaicDataset:
+    """Fashion-MNIST mosaics for segmentation / detection: x (1, 2·cell, 2·cell) (64 × 64 by default),
+    mask in 0..10; `item` < 28 shrinks the items (see the module docstring)."""
     from still.data.vision import FASHION_MNIST_FILES, _find_fashion_mnist, read_idx
 
     d = _find_fashion_mnist(root, download=False)
     img_f, lab_f = FASHION_MNIST_FILES[split]
     images, labels = read_idx(d / img_f), read_idx(d / lab_f).astype(np.int64)
     # Different seeds for train and test so the two splits never share a canvas.
-    x, mask, boxes, blabels = build_mosaics(images, labels, num_samples, seed * 2 + (split == "test"), cell)
+    x, mask, boxes, blabels = build_mosaics(images, labels, num_samples, seed * 2 + (split == "test"), cell,
+                                         item=item)
     if normalize:
         x = (x - 0.2860) / 0.3530
     return MosaicDataset(x, mask, boxes, blabels,
-                         {"split": split, "num_samples": num_samples, "seed": seed, "cell": cell})
+                         {"split": split, "num_samples": num_samples, "seed": seed, "cell": cell,
+                          **({"item": item} if item != 28 else {})})
 
 
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -43,13 +43,17 @@ def _spec(terms: list[dict[str, Any]], **kw: Any) -> MethodSpec:
 
 
 def fit_segmenter(model: nn.Module, data: Any, epochs: int = 3, batch_size: int = 32, lr: float = 3e-3,
-                  seed: int = 0, max_steps: int | None = None) -> nn.Module:
-    """Train a U-Net with pixel CE on `data`'s `y` (pixels of -100 ignored) by `still.engine.train`."""
+                  seed: int = 0, max_steps: int | None = None, lr_schedule: str = "constant",
+                  warmup: float = 0.0) -> nn.Module:
+    """Train a U-Net with pixel CE on `data`'s `y` (pixels of -100 ignored) by `still.engine.train`;
+    `lr_schedule` as in `TrainConfig`, `warmup`: linear warm-up over that fraction of the steps."""
     from still.engine import TrainConfig, train
     from still.objective import Objective, build_term
 
+    steps = max_steps or epochs * max(len(data) // batch_size, 1)
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, progress=False,
-                      eval_every_epochs=None, log_every=10_000)
+                      eval_every_epochs=None, log_every=10_000, lr_schedule=lr_schedule,
+                      warmup_steps=int(warmup * steps))
     train(model, Objective([build_term(_ce())]), data, cfg, student_views={"seg": "head"})
     return model.eval()
 
@@ -120,11 +124,13 @@ def _crop_wrap(tap: str, ema_decay: float | None = None, crop_size: int = 32, bl
 
 @register_method("oadp", paper=OADP_PAPER)
 def oadp(object_gain: float = 256.0, global_gain: float = 0.5, block_gain: float = 128.0, rkd_gain: float = 8.0,
-         warmup: float = 200, stage: int = 2, blocks: int = 2, spatial_scale: float = 0.25) -> MethodSpec:
+         warmup: float = 200, stage: int = 2, blocks: int = 2, spatial_scale: float = 0.25,
+         crop_size: int = 32) -> MethodSpec:
     """CE + OADP's pyramid on the student's deepest encoder map vs the teacher's (frozen) embeddings of
     each mosaic box crop (object; boxes = the ground-truth items as proposals), of the whole canvas
     (global) and of its g×g blocks (block, with RKD among blocks). The gains are the paper's config;
-    `warmup` is the linear warm-up (steps, or a fraction of the run if < 1; the paper: 200 iterations)."""
+    `warmup` is the linear warm-up (steps, or a fraction of the run if < 1; the paper: 200 iterations);
+    `crop_size`: the side each crop is resized to before the teacher encodes it (about one item)."""
     v = f"enc{stage}"
     wu = {"name": "warmup", "steps": warmup}
     terms = [_ce(),
@@ -134,7 +140,7 @@ def oadp(object_gain: float = 256.0, global_gain: float = 0.5, block_gain: float
               "schedule": wu},
              {"name": "block", "loss": "oadp_block", "params": {"rkd_weight": rkd_gain / block_gain}, "student": v,
               "teacher": "block_emb", "weight": block_gain, "schedule": wu}]
-    spec = _spec(terms, wrap_teacher=_crop_wrap(f"encoder.{stage}", blocks=blocks),
+    spec = _spec(terms, wrap_teacher=_crop_wrap(f"encoder.{stage}", crop_size=crop_size, blocks=blocks),
                  notes="teacher views obj_emb / block_emb / global_emb come from CropTeacher (crops encoded alone)")
     # placeholders for the pipeline's live teacher (a valid tap); CropTeacher serves these names itself
     spec.teacher_views = {n: f"encoder.{stage}" for n in ("obj_emb", "block_emb", "global_emb")}
@@ -142,13 +148,15 @@ def oadp(object_gain: float = 256.0, global_gain: float = 0.5, block_gain: float
 
 
 @register_method("farslip", paper=FARSLIP_PAPER)
-def farslip(weight: float = 0.1, decay: float = 0.99, stage: int = 2, spatial_scale: float = 0.25) -> MethodSpec:
+def farslip(weight: float = 0.1, decay: float = 0.99, stage: int = 2, spatial_scale: float = 0.25,
+            crop_size: int = 32) -> MethodSpec:
     """CE + w_d·patch-to-patch: RoI-pooled student patches of the whole canvas vs an EMA copy of the
-    student encoding each box crop on its own (mean-pooled, cosine); θ_ema ← 0.99·θ_ema + 0.01·θ."""
+    student encoding each box crop on its own (mean-pooled, cosine); θ_ema ← 0.99·θ_ema + 0.01·θ.
+    `crop_size`: the side each crop is resized to (about one item)."""
     v = f"enc{stage}"
     spec = _spec([_ce(), {"name": "p2p", "loss": "patch_to_patch", "params": {"spatial_scale": spatial_scale},
                           "student": v, "teacher": "obj_emb", "inputs": {"boxes": "boxes"}, "weight": weight}],
-                 wrap_teacher=_crop_wrap(f"encoder.{stage}", ema_decay=decay),
+                 wrap_teacher=_crop_wrap(f"encoder.{stage}", ema_decay=decay, crop_size=crop_size),
                  notes="no external teacher: the EMA of the student (FarSLIP's --distill-type ema)")
     spec.teacher_views = {"obj_emb": f"encoder.{stage}"}
     return spec

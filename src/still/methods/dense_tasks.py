@@ -82,16 +82,18 @@ class MosaicSeg(Dataset):
 
 
 @functools.lru_cache(maxsize=8)
-def _base(split: str, n: int, seed: int, root: str | None) -> Any:
-    return fmnist_mosaic(split, num_samples=n, seed=seed, root=root)
+def _base(split: str, n: int, seed: int, root: str | None, cell: int = 32, item: int = 28) -> Any:
+    return fmnist_mosaic(split, num_samples=n, seed=seed, root=root, cell=cell, item=item)
 
 
 @register_dataset("fmnist_mosaic_seg", paper="built here from Fashion-MNIST (Xiao et al. 2017)")
 def fmnist_mosaic_seg(split: str = "train", num_samples: int = 2000, seed: int = 0, subset: int | None = None,
-                      labelled_fraction: float = 1.0, cutmix: bool = False, root: str | None = None) -> MosaicSeg:
-    """Mosaics (1, 64, 64) with y = mask (64, 64) in 0..10; the test split is always fully labelled."""
+                      labelled_fraction: float = 1.0, cutmix: bool = False, root: str | None = None,
+                      cell: int = 32, item: int = 28) -> MosaicSeg:
+    """Mosaics (1, 2·cell, 2·cell) (64 × 64 by default) with y = mask in 0..10; the test split is always
+    fully labelled. `cell`, `item`: see `still.data.mosaic` (e.g. cell=16, item=14 gives 32 × 32)."""
     n = min(num_samples, subset) if subset else num_samples
-    base = _base(split, n, seed, root)
+    base = _base(split, n, seed, root, cell, item)
     lab = torch.ones(n, dtype=torch.bool)
     if split == "train" and labelled_fraction < 1.0:
         k = max(1, int(round(labelled_fraction * n)))
@@ -108,18 +110,29 @@ class PixelUNet(UNet):
         return super().forward(x).permute(0, 2, 3, 1)
 
 
+def _bg_prior(model: PixelUNet, bg_bias: float) -> PixelUNet:
+    """Start the head's background logit at `bg_bias` (the others at 0): a class-prior initialisation
+    (background covers ~3/4 of a mosaic), so the first steps need not spend Adam's lr-bounded updates on
+    growing that bias. 0 leaves PyTorch's default initialisation untouched."""
+    if bg_bias:
+        with torch.no_grad():
+            model.head.bias.zero_()
+            model.head.bias[0] = float(bg_bias)
+    return model
+
+
 @register_model("seg_unet_px")
 def seg_unet_px(num_classes: int = NUM_SEG_CLASSES, input_shape: Sequence[int] = (1, 64, 64),
-                channels: Sequence[int] = (16, 32, 64)) -> PixelUNet:
-    """Segmentation teacher (16-32-64 U-Net) with pixel-row logits (B, H, W, K)."""
-    return PixelUNet(channels, num_classes, int(input_shape[0]))
+                channels: Sequence[int] = (16, 32, 64), bg_bias: float = 0.0) -> PixelUNet:
+    """Segmentation teacher (16-32-64 U-Net) with pixel-row logits (B, H, W, K); `bg_bias`: see `_bg_prior`."""
+    return _bg_prior(PixelUNet(channels, num_classes, int(input_shape[0])), bg_bias)
 
 
 @register_model("seg_unet_small_px")
 def seg_unet_small_px(num_classes: int = NUM_SEG_CLASSES, input_shape: Sequence[int] = (1, 64, 64),
-                      channels: Sequence[int] = (8, 16, 32)) -> PixelUNet:
-    """Segmentation student (8-16-32 U-Net) with pixel-row logits (B, H, W, K)."""
-    return PixelUNet(channels, num_classes, int(input_shape[0]))
+                      channels: Sequence[int] = (8, 16, 32), bg_bias: float = 0.0) -> PixelUNet:
+    """Segmentation student (8-16-32 U-Net) with pixel-row logits (B, H, W, K); `bg_bias`: see `_bg_prior`."""
+    return _bg_prior(PixelUNet(channels, num_classes, int(input_shape[0])), bg_bias)
 
 
 class LabelInputUNet(PixelUNet):
@@ -139,9 +152,9 @@ class LabelInputUNet(PixelUNet):
 
 @register_model("seg_unet_lad_px")
 def seg_unet_lad_px(num_classes: int = NUM_SEG_CLASSES, input_shape: Sequence[int] = (1, 64, 64),
-                    channels: Sequence[int] = (16, 32, 64)) -> LabelInputUNet:
+                    channels: Sequence[int] = (16, 32, 64), bg_bias: float = 0.0) -> LabelInputUNet:
     """LAD teacher: 16-32-64 U-Net over image ⊕ noised one-hot label (1 + K input channels)."""
-    return LabelInputUNet(channels, num_classes, int(input_shape[0]))
+    return _bg_prior(LabelInputUNet(channels, num_classes, int(input_shape[0])), bg_bias)
 
 
 @register_metric("pixel_miou")
