@@ -120,7 +120,7 @@ class DenseBench:
 
                 t = self.model("seg_unet_lad_px", 0)
                 fit_label_assisted(t, self.train, epochs=b.teacher_epochs, batch_size=b.batch_size, lr=b.lr,
-                                   max_steps=b.max_steps)
+                                   max_steps=b.max_steps, lr_schedule=b.lr_schedule, warmup=b.warmup)
             else:
                 raise KeyError(kind)
             self._teachers[kind] = t.eval()

@@ -28,7 +28,7 @@ CLAIMS = {"mmc": "top-tier zero-shot segmentation across data sets, no numbers [
 class Budget:
     train: int = 2000
     test: int = 1000
-    epochs: int = 4
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
     max_steps: int | None = None

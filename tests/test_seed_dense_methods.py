@@ -124,6 +124,12 @@ def test_label_assisted_teacher_input_and_fit(semi) -> None:
     assert torch.equal(inp[:, 1:].argmax(1)[lab], b["y"][lab]) and inp[:, 1:].sum(1)[~lab].abs().sum() == 0
     losses = fit_label_assisted(model, semi, epochs=1, batch_size=8, max_steps=3)
     assert len(losses) == 3 and all(l == l for l in losses)
+    # a warm-up of the whole run: the first step has lr 0, so the weights do not move on it
+    before = [p.detach().clone() for p in model.parameters()]
+    fit_label_assisted(model, semi, epochs=1, batch_size=8, max_steps=1, lr_schedule="cosine", warmup=1.0)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit_label_assisted(model, semi, epochs=1, batch_size=8, max_steps=1, lr_schedule="cosin")
 
 
 def test_chimera_topk_shrinks_through_the_objective() -> None:

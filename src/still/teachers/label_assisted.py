@@ -112,24 +112,32 @@ def label_assisted(model: nn.Module, views: Mapping[str, str], num_classes: int 
 
 def fit_label_assisted(model: nn.Module, data: Any, num_classes: int = 11, epochs: int = 2, batch_size: int = 32,
                        lr: float = 3e-3, noise: float = 0.1, noise_b: float = 0.5, consistency: float = 1.0,
-                       seed: int = 0, label_key: str = "y", max_steps: int | None = None) -> list[float]:
-    """Train `model` (input 1 + K channels) with the dual-path loss on `data`; returns per-step losses."""
+                       seed: int = 0, label_key: str = "y", max_steps: int | None = None,
+                       lr_schedule: str = "constant", warmup: float = 0.0) -> list[float]:
+    """Train `model` (input 1 + K channels) with the dual-path loss on `data` (Adam; `lr_schedule` and a
+    `warmup` fraction of the steps as in `still.engine.TrainConfig`); returns per-step losses."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:  # a model already wrapped by LabelAssistedTeacher is frozen: train it, then refreeze
         p.requires_grad_(True)
     try:
         return _fit(model, data, num_classes, epochs, batch_size, lr, noise, noise_b, consistency, seed, label_key,
-                    max_steps)
+                    max_steps, lr_schedule, warmup)
     finally:
         for p in frozen:
             p.requires_grad_(False)
 
 
 def _fit(model: nn.Module, data: Any, num_classes: int, epochs: int, batch_size: int, lr: float, noise: float,
-         noise_b: float, consistency: float, seed: int, label_key: str, max_steps: int | None) -> list[float]:
+         noise_b: float, consistency: float, seed: int, label_key: str, max_steps: int | None,
+         lr_schedule: str = "constant", warmup: float = 0.0) -> list[float]:
+    from still.engine.loop import TrainConfig, lr_factor
+
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total = min(max_steps or 1 << 62, epochs * len(loader))
+    cfg = TrainConfig(lr=lr, lr_schedule=lr_schedule, warmup_steps=int(warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
     dev = next(model.parameters()).device
     model.train()
     losses: list[float] = []
@@ -144,6 +152,7 @@ def _fit(model: nn.Module, data: Any, num_classes: int, epochs: int, batch_size:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
             losses.append(float(loss.detach()))
             if max_steps is not None and len(losses) >= max_steps:
                 model.eval()
