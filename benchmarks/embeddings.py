@@ -46,7 +46,9 @@ M2V_ROW = "still static (256-d, model2vec init, cosine) ← MiniLM"
 class Config:
     n_train: int = 16000          # WordNet training synsets for the static students
     static_fortunes: int = 6000   # + unlabeled fortunes for the static students (probe items excluded; ~5.5k remain)
-    n_train_tf: int = 3000        # ... for the transformer students (MiniLM teacher)
+    n_train_tf: int = 3000        # ... for the transformer students (MiniLM teacher) when tf_text == "tf"
+    tf_text: str = "static"       # the 2-layer <- MiniLM student's text: "static" (the static students' corpus) or "tf"
+    tf_minilm_lr: float = 3e-4    # its AdamW lr (1e-4 with 3,000 synsets gave 79 % of MiniLM's R@1)
     n_train_mpnet: int = 1000     # ... for MPNet / multi-teacher students (MPNet encodes ~25 sent/s idle)
     eval_pairs: int = 1000        # held-out (lemma, definition) pairs, one synset per lemma
     kjv: int = 500                # held-out KJV verses for agreement
@@ -66,6 +68,7 @@ class Config:
     mpnet: bool = True
     seed_start: int = 0           # > 0: add seeds seed_start..seeds-1 to the part's saved rows (see --seed-start)
     six_layer: bool = True        # the MPNet 6-layer row (False: keep its saved figures)
+    only_transformer: bool = False  # minilm part: rerun the 2-layer <- MiniLM row only (keep the others' figures)
     multi_rows: bool = True       # the three single/multi-teacher 2-layer rows (False: keep their saved figures)
     threads: int = 1
 
@@ -147,7 +150,8 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
     prev_file = CACHE / "bench" / f"embeddings_{tag}.json"
     # --seed-start: the saved rows' earlier seeds are kept (their quality figures; throughput is re-measured
     # for the rows run here) and rows not run here are carried over as they were saved
-    prev_d = json.loads(prev_file.read_text()) if cfg.seed_start and prev_file.exists() else {}
+    carry = cfg.seed_start or cfg.only_transformer
+    prev_d = json.loads(prev_file.read_text()) if carry and prev_file.exists() else {}
     prev = prev_d.get("results", {})
     results: dict[str, dict] = {}   # name -> {"runs": [metrics], "params": int, "encode": fn, "teacher": str}
 
@@ -168,7 +172,7 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         for k, v in prev.items():
             if k not in saved:
                 saved[k] = {**v, "carried": True}
-            elif v["train_s"] and saved[k]["train_s"]:  # a trained row: earlier seeds first
+            elif cfg.seed_start and v["train_s"] and saved[k]["train_s"]:  # a trained row: earlier seeds first
                 saved[k] = {**saved[k], "runs": v["runs"] + saved[k]["runs"],
                             "train_s": v["train_s"] + saved[k]["train_s"]}
         out_dir = CACHE / "bench"
@@ -182,7 +186,8 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
            lambda t: sti.st_encode(minilm.model, t, cfg.batch_size), "minilm")
     m2v_dir = None
     do_minilm, do_mpnet = part in ("all", "minilm"), part in ("all", "mpnet") and mpnet is not None
-    if cfg.model2vec and do_minilm:
+    do_static = do_minilm and not cfg.only_transformer
+    if cfg.model2vec and do_static:
         import tempfile
 
         from model2vec import StaticModel
@@ -212,11 +217,11 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         return student
 
     # (2) static students, MiniLM teacher
-    if do_minilm:
+    if do_static:
         train_eval("still static (256-d, PCA init) ← MiniLM",
                    lambda: static_student("minilm", dim=256, init="pca"), {"minilm": 1.0}, "minilm",
                    texts["static"], cfg.static_epochs, cfg.static_lr, 128, False, minilm, wd=0.0)
-    if do_minilm and cfg.static_m2v and m2v_dir is not None:
+    if do_static and cfg.static_m2v and m2v_dir is not None:
         # model2vec's distill output as the init, trained by still with cosine to MiniLM through a linear head
         # (score-KL / relation raise R@1 but lower the fortunes probe below the init's)
         train_eval(M2V_ROW, lambda: static_student("minilm", dim=256, init="model2vec", model2vec_path=str(m2v_dir)),
@@ -225,7 +230,8 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
     # (1) transformer student, MiniLM teacher: 2 of its 6 layers, FFN pruned to 768 of 1536 neurons
     if do_minilm:
         train_eval("still 2-layer, FFN 768 ← MiniLM", lambda: layer_dropped_student("minilm", keep=2, ffn_width=768),
-                   {"minilm": 1.0}, "minilm", texts["tf"], cfg.tf_epochs, cfg.tf_lr, cfg.batch_size, True, minilm)
+                   {"minilm": 1.0}, "minilm", texts[cfg.tf_text], cfg.tf_epochs, cfg.tf_minilm_lr, cfg.batch_size,
+                   True, minilm)
     if do_mpnet:
         # MPNet's cache is first read here, so a `--prepare mpnet` running alongside can fill it meanwhile
         kjv_t["mpnet"] = suite.encode_kjv(mpnet.encode)
@@ -339,7 +345,10 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
                      f"{f('still 2-layer, FFN 768 ← MiniLM' + sfx, 'fortunes'):.3f} and single MPNet "
                      f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'r1'):.3f} / "
                      f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'fortunes'):.3f} (same student, data and budget).")
-    setup = (f"Training text: glosses + first lemmas of {cfg.n_train} (static), {cfg.n_train_tf} (transformer) and "
+    tf_corpus = ("the static students' text" if getattr(cfg, "tf_text", "tf") == "static"
+                 else f"{cfg.n_train_tf} synsets")
+    setup = (f"Training text: glosses + first lemmas of {cfg.n_train} (static; also the 2-layer ← MiniLM student's "
+             f"when it trains on the static students' text) and "
              f"{cfg.n_train_mpnet} (MPNet / multi-teacher) training WordNet synsets (fixed nested subsets of the "
              f"106k; the 2-core shared CPU makes the full set too slow), plus for the static students "
              f"the first {getattr(cfg, 'static_fortunes', 0)} unlabeled fortunes (hash order; those over 400 characters "
@@ -356,7 +365,7 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
              f"Static PCA init: {cfg.static_epochs} epochs, lr {cfg.static_lr}, batch 128; static model2vec init (the "
              f"model2vec row's own vectors, cast to float32): cosine to MiniLM through a linear 256→384 head only "
              f"(no score-KL / relation), {cfg.m2v_epochs} epochs, lr {cfg.m2v_lr}, batch 128; transformers: {cfg.tf_epochs} epoch, "
-             f"({cfg.mpnet_epochs} for the MPNet / multi-teacher runs), AdamW lr {cfg.tf_lr}, batch {cfg.batch_size}. The "
+             f"({cfg.mpnet_epochs} for the MPNet / multi-teacher runs), AdamW lr {cfg.tf_lr}, batch {cfg.batch_size} (the 2-layer ← MiniLM row: lr {getattr(cfg, 'tf_minilm_lr', cfg.tf_lr)} on {tf_corpus}). The "
              f"MPNet teacher and the MPNet 6-layer students skip the fortunes probe (CPU time). Mean ± std over the seeds counted in the last column "
              f"(seed = shuffle order and heads; the inits are deterministic). '× MiniLM' is relative to MiniLM timed "
              f"in the same process (the MiniLM-teacher rows and the MPNet rows come from separate processes, the "
@@ -388,6 +397,8 @@ def main() -> None:
     ap.add_argument("--seed-start", type=int, default=0,
                     help="add seeds N..--seeds-1 to the part's saved figures (rows not run are carried over)")
     ap.add_argument("--no-6layer", action="store_true", help="skip the MPNet 6-layer row (keep its saved figures)")
+    ap.add_argument("--only-transformer", action="store_true",
+                    help="minilm part: rerun only the 2-layer <- MiniLM row, keep the other rows' saved figures")
     ap.add_argument("--no-multi", action="store_true",
                     help="skip the single/multi-teacher 2-layer rows of the MPNet part (keep their saved figures)")
     ap.add_argument("--prepare", choices=["all", "minilm", "mpnet"], help="only encode and cache teacher embeddings")
@@ -399,6 +410,7 @@ def main() -> None:
     if args.seeds:
         cfg = Config(**{**asdict(cfg), "seeds": args.seeds})
     cfg = Config(**{**asdict(cfg), "seed_start": args.seed_start, "six_layer": not args.no_6layer,
+                    "only_transformer": args.only_transformer,
                         "multi_rows": not args.no_multi})
     torch.set_num_threads(cfg.threads)
     if args.report_only:
