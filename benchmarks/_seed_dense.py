@@ -161,12 +161,6 @@ class DenseBench:
         return v
 
 
-def _fmt(vals: list[float]) -> tuple[float, float]:
-    from still.bench import mean_std
-
-    return mean_std(vals)
-
-
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[dict[str, Any]]:
     """One dict per method: scratch / kd / method mIoU mean ± std over `seeds`, the paper's claim, a verdict.
     `budget` (default: QUICK if `quick` else Budget()) replaces the module's."""
@@ -198,24 +192,13 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[di
 
         spec_t = MGDTeacher([semi, semi2])
         add("mgd", bench.fit_with_teacher("mgd", seed, spec_t, data=bench.semi))
+    from _seed_common import row
+
     out = []
     for m in ("transkd_seg", "transkd_seg_ea", "chimera_sgd", "oadp", "farslip", "lad", "mgd"):
         sk, kk = ("scratch_semi", "kd_semi") if m == "mgd" else ("scratch", "kd")
-        sm, ss = _fmt(res[sk])
-        km, ks = _fmt(res[kk])
-        mm, ms = _fmt(res[m])
-        if len(seeds) < 2:
-            verdict = "no verdict (1 seed)"
-        elif mm > km + ks + ms:
-            verdict = "beats plain KD"
-        elif mm > sm + ss + ms:
-            verdict = "beats scratch, not plain KD"
-        else:
-            verdict = "does not beat scratch or plain KD here"
-        out.append({"method": m, "task": TASK + (" 25% labelled" if m == "mgd" else ""), "metric": METRIC,
-                    "scratch_mean": sm, "scratch_std": ss, "kd_mean": km, "kd_std": ks, "method_mean": mm,
-                    "method_std": ms, "paper_claim": CLAIMS[m], "verdict": verdict, "seeds": len(seeds),
-                    "teacher": teacher_miou["semi" if m == "mgd" else "plain"]})
+        out.append(row(m, TASK + (" 25% labelled" if m == "mgd" else ""), METRIC, res, (sk, kk, m), CLAIMS[m],
+                       teacher_miou["semi" if m == "mgd" else "plain"]))
     wall = time.perf_counter() - t0
     for r in out:
         r["wall_s_part"] = wall

@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
+from _seed_common import verdict  # noqa: E402
 from still.bench import emit_json, markdown_table, write_section  # noqa: E402
 
 SECTION = "Seed methods"
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--budget", action="append", default=[], metavar="PART.FIELD=VALUE",
                     help="override a field of a part's Budget (repeatable), e.g. dense.epochs=8")
     ap.add_argument("--jobs", type=int, default=None, help="worker processes (default: 1 quick, 2 full)")
+    ap.add_argument("--report-only", action="store_true", help="run nothing: rewrite the table from the saved rows")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite BENCHMARKS.md")
     ap.add_argument("--write", action="store_true", help="with --quick: write the section anyway (a smoke run)")
     args = ap.parse_args(argv)
@@ -128,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budgets = parse_budgets(args.budget)
     jobs = max(1, min(args.jobs or (1 if args.quick else 2), len(parts)))
     t0 = time.perf_counter()
-    if jobs == 1:
+    if args.report_only:
+        done = []
+    elif jobs == 1:
         done = [run_part(p, args.quick, seeds, budgets.get(p, {})) for p in parts]
     else:
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers before torch loads there
@@ -138,22 +142,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     cmd = "python " + " ".join(["benchmarks/seed_methods.py"] + (argv if argv is not None else sys.argv[1:]))
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    fresh = {d["part"]: {**d, "command": cmd, "date": stamp} for d in done if not d["error"]}
+    fresh = {d["part"]: {**d, "command": cmd, "date": stamp, "wall_s": wall, "jobs": jobs}
+             for d in done if not d["error"]}
     saved: dict[str, Any] = {}
     if SAVED.exists() and not args.quick:
         saved = {k: v for k, v in json.loads(SAVED.read_text()).items() if k in PARTS and k not in fresh}
     merged = {p: (fresh.get(p) or saved.get(p)) for p in PARTS if fresh.get(p) or saved.get(p)}
     rows = [r for p in merged.values() for r in p["rows"]]
+    for r in rows:  # one verdict rule for every row, saved ones included
+        r["verdict"] = verdict((r["scratch_mean"], r["scratch_std"]), (r["kd_mean"], r["kd_std"]),
+                               (r["method_mean"], r["method_std"]), int(r.get("seeds", len(seeds))),
+                               bool(r.get("lower_better")), r.get("scratch_column") or "scratch",
+                               r.get("kd_column") or "plain KD")
     notes = [f"part {d['part']!r}: " + (f"failed: {d['error']}" if d["error"] else
                                          f"{len(d['rows'])} rows in {d['seconds']:.0f} s; {d['budget']}")
              for d in done]
-    notes += [f"part {p!r}: {len(v['rows'])} rows carried over from `{v['command']}` ({v['date']}, "
-              f"{v['seconds']:.0f} s; {v['budget']})" for p, v in saved.items()]
+    notes += [f"part {p!r}: {len(v['rows'])} rows {'' if args.report_only else 'carried over '}from "
+              f"`{v['command']}` ({v['date']}, {v['seconds']:.0f} s; {v['budget']})" for p, v in saved.items()]
+    if args.report_only:
+        runs = {v["command"]: v for v in saved.values()}
+        wall = max((v.get("wall_s", 0.0) for v in runs.values()), default=0.0)
+        jobs = max((v.get("jobs", 1) for v in runs.values()), default=1)
     md = (f"{'Quick smoke run (1 seed, tiny budgets): not a result. ' if args.quick else ''}"
           "Figures in % unless the metric says otherwise (ARRA: nats/token and Fréchet distance, lower is "
           "better); a parenthesis in a baseline cell says what that baseline is for that row. Verdicts: "
           "'beats X' when the means differ by more than the two stds together. "
-          f"Mean ± std over {len(seeds)} seed(s); this run: wall {wall:.0f} s, {jobs} worker process(es) of one "
+          f"Mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s for the run, {jobs} worker process(es) of one "
           "torch thread each. The setup of each part is in its module's docstring.\n\n"
           + table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes))
     print(md)

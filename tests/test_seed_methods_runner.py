@@ -54,3 +54,20 @@ def test_a_part_runs_end_to_end_and_a_failure_is_reported() -> None:
     assert all(r["part"] == "ssl" and 0.0 <= r["method_mean"] <= 1.0 for r in got["rows"])
     bad = seed_methods.run_part("ssl", True, [0], {"batch_size": "0"})
     assert bad["rows"] == [] and bad["error"]
+
+
+def test_report_only_rebuilds_the_table_from_saved_rows_with_one_verdict_rule(tmp_path, monkeypatch, capsys) -> None:
+    import json
+
+    saved = tmp_path / "seed_methods.json"
+    r = {"method": "m", "task": "t", "metric": "acc", "scratch_mean": 0.5, "scratch_std": 0.01, "kd_mean": 0.6,
+         "kd_std": 0.01, "method_mean": 0.7, "method_std": 0.01, "paper_claim": "c", "seeds": 3, "teacher": 0.9,
+         "verdict": "an old wording"}
+    saved.write_text(json.dumps({"ssl": {"part": "ssl", "rows": [r], "seconds": 12.0, "budget": "B()", "error": None,
+                                          "command": "python benchmarks/seed_methods.py", "date": "d", "wall_s": 99.0,
+                                          "jobs": 2}}))
+    monkeypatch.setattr(seed_methods, "SAVED", saved)
+    got = seed_methods.main(["--report-only", "--no-write"])
+    assert [x["verdict"] for x in got["rows"]] == ["beats plain KD; beats scratch"]
+    assert got["wall_s"] == 99.0 and got["jobs"] == 2
+    assert "| m | t | acc | 50.00 ± 1.00 | 60.00 ± 1.00 | 70.00 ± 1.00 | 90.00 |" in capsys.readouterr().out
