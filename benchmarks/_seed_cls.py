@@ -220,6 +220,7 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
     add = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
     tok = {"logits": "", "tokens": "features.2"}
     main = pool = bench.teacher("pool")  # one teacher, disjoint from every student's images
+    bench.teacher_info["main"] = bench.teacher_info["pool"]
     binary = bench.teacher("binary")
     bin_train, bin_test = bench.binary("train"), bench.binary("test")
     teacher_acc = {"main": bench.acc(main, bench.test), "pool": bench.acc(pool, bench.test),
@@ -277,8 +278,9 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
                "fmnist_captions: 90-way caption retrieval (vs CLIP / NegCLIP)", "degla_retrieval")]
     for m, sk, kk, task, tk in layout:
         if m in res:
-            out.append(row(m, task, METRIC, res, (sk, kk, m), CLAIMS[m], teacher_acc[tk],
-                           teacher_source=bench.teacher_info.get("binary" if tk == "binary" else "pool", {}).get("source")))
+            cols = {"scratch_column": "CLIP fine-tuning", "kd_column": "NegCLIP"} if m.startswith("degla") else {}
+            out.append(row(m, task, METRIC, res, (sk, kk, m), CLAIMS[m], teacher_acc[tk], **cols,
+                           teacher_source=bench.teacher_info.get(tk, {}).get("source")))
     wall = time.perf_counter() - t0
     for r in out:
         r["wall_s_part"] = wall

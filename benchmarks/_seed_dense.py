@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-TASK = "fmnist_mosaic (64×64, 11 classes)"
+TASK = "fmnist_mosaic ({side}×{side} canvases of {item}-px items, 11 classes)"
 METRIC = "mIoU"
 
 CLAIMS = {
@@ -197,7 +197,8 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[di
     out = []
     for m in ("transkd_seg", "transkd_seg_ea", "chimera_sgd", "oadp", "farslip", "lad", "mgd"):
         sk, kk = ("scratch_semi", "kd_semi") if m == "mgd" else ("scratch", "kd")
-        out.append(row(m, TASK + (" 25% labelled" if m == "mgd" else ""), METRIC, res, (sk, kk, m), CLAIMS[m],
+        task = TASK.format(side=2 * bench.b.cell, item=bench.b.item)
+        out.append(row(m, task + (" 25% labelled" if m == "mgd" else ""), METRIC, res, (sk, kk, m), CLAIMS[m],
                        teacher_miou["semi" if m == "mgd" else "plain"]))
     wall = time.perf_counter() - t0
     for r in out:

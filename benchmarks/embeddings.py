@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -47,7 +48,8 @@ class Config:
     n_train: int = 16000          # WordNet training synsets for the static students
     static_fortunes: int = 6000   # + unlabeled fortunes for the static students (probe items excluded; ~5.5k remain)
     n_train_tf: int = 3000        # ... for the transformer students (MiniLM teacher) when tf_text == "tf"
-    tf_text: str = "static"       # the 2-layer <- MiniLM student's text: "static" (the static students' corpus) or "tf"
+    tf_text: str = "static"       # the 2-layer <- MiniLM student's text: "static" (the static students' corpus),
+    #                               "wordnet" (its synsets without the fortunes) or "tf" (n_train_tf synsets)
     tf_minilm_lr: float = 3e-4    # its AdamW lr (1e-4 with 3,000 synsets gave 79 % of MiniLM's R@1)
     n_train_mpnet: int = 1000     # ... for MPNet / multi-teacher students (MPNet encodes ~25 sent/s idle)
     eval_pairs: int = 1000        # held-out (lemma, definition) pairs, one synset per lemma
@@ -114,7 +116,9 @@ def load_everything(cfg: Config, progress: bool = True, only: str | None = None)
         t0 = time.perf_counter()
         mpnet.precompute(suite.lemmas + suite.definitions + suite.kjv + texts_mp, progress=progress)
         enc["mpnet"] = time.perf_counter() - t0
-    return suite, {"static": texts, "tf": texts_tf, "mpnet": texts_mp}, minilm, mpnet, enc
+    corpora = {"static": texts, "tf": texts_tf, "mpnet": texts_mp,
+               "wordnet": distill_corpus(cfg.n_train)}  # the static students' synsets, no fortunes (short texts)
+    return suite, corpora, minilm, mpnet, enc
 
 
 def objective_for(teachers: dict[str, float], head_cosine: bool, kl_weight: float = 1.0, rel_weight: float = 1.0):
@@ -345,8 +349,8 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
                      f"{f('still 2-layer, FFN 768 ← MiniLM' + sfx, 'fortunes'):.3f} and single MPNet "
                      f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'r1'):.3f} / "
                      f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'fortunes'):.3f} (same student, data and budget).")
-    tf_corpus = ("the static students' text" if getattr(cfg, "tf_text", "tf") == "static"
-                 else f"{cfg.n_train_tf} synsets")
+    tf_corpus = {"static": "the static students' text", "wordnet": f"the static students' {cfg.n_train} synsets "
+                 "(no fortunes)"}.get(getattr(cfg, "tf_text", "tf"), f"{cfg.n_train_tf} synsets")
     setup = (f"Training text: glosses + first lemmas of {cfg.n_train} (static; also the 2-layer ← MiniLM student's "
              f"when it trains on the static students' text) and "
              f"{cfg.n_train_mpnet} (MPNet / multi-teacher) training WordNet synsets (fixed nested subsets of the "
@@ -397,6 +401,8 @@ def main() -> None:
     ap.add_argument("--seed-start", type=int, default=0,
                     help="add seeds N..--seeds-1 to the part's saved figures (rows not run are carried over)")
     ap.add_argument("--no-6layer", action="store_true", help="skip the MPNet 6-layer row (keep its saved figures)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Config field (repeatable), e.g. --set tf_epochs=2 --set tf_text=wordnet")
     ap.add_argument("--only-transformer", action="store_true",
                     help="minilm part: rerun only the 2-layer <- MiniLM row, keep the other rows' saved figures")
     ap.add_argument("--no-multi", action="store_true",
@@ -412,6 +418,14 @@ def main() -> None:
     cfg = Config(**{**asdict(cfg), "seed_start": args.seed_start, "six_layer": not args.no_6layer,
                     "only_transformer": args.only_transformer,
                         "multi_rows": not args.no_multi})
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        cur = getattr(cfg, key)
+        value = raw.lower() in ("1", "true", "yes") if isinstance(cur, bool) else type(cur)(raw)
+        cfg = Config(**{**asdict(cfg), key: value})
     torch.set_num_threads(cfg.threads)
     if args.report_only:
         merge_and_report(cfg, ["quick"] if args.quick else ["minilm", "mpnet"], {}, args.quick)

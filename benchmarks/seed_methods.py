@@ -159,6 +159,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              for d in done]
     notes += [f"part {p!r}: {len(v['rows'])} rows {'' if args.report_only else 'carried over '}from "
               f"`{v['command']}` ({v['date']}, {v['seconds']:.0f} s; {v['budget']})" for p, v in saved.items()]
+    for p, v in merged.items():
+        src: dict[str, set[str]] = {}
+        for r in v["rows"]:
+            if r.get("teacher_source"):
+                src.setdefault(r["teacher_source"], set()).add(r["method"])
+        if src:
+            notes.append(f"part {p!r}: teachers " + "; ".join(f"{k} for {', '.join(sorted(ms))}" for k, ms in src.items())
+                         + (" ('cached': weights an earlier run saved under $STILL_CACHE/bench/models, so their "
+                            "training time is not in the part's seconds)" if "cached" in src else ""))
     if args.report_only:
         runs = {v["command"]: v for v in saved.values()}
         wall = max((v.get("wall_s", 0.0) for v in runs.values()), default=0.0)
