@@ -4,8 +4,9 @@ budget, mean ± std over seeds, with the paper's claim beside it, in one BENCHMA
 Rows come from the part modules, each exposing `Budget`, `QUICK` and `rows(quick, seeds, budget)`
 (shared helpers in `benchmarks/_seed_common.py`): `_seed_dense` (dense prediction on the Fashion-MNIST
 mosaics), `_seed_cls` (classification / relations / teacher shaping), `_seed_ood` (OOD-VLM
-distillation, held-out classes), `_seed_arra` (ARRA on patch tokens) and `_seed_ssl` (MMC / CMD
-momentum self-distillation, reconstructed from the abstract). A failing part is reported, not fatal.
+distillation, held-out classes), `_seed_arra` (ARRA on patch tokens), `_seed_ssl` (MMC / CMD
+momentum self-distillation, reconstructed from the abstract) and `_seed_disco` (DiSCo's multi-teacher
+score distillation, real MiniLM / MPNet teachers reading rewrites). A failing part is reported, not fatal.
 Parts run in `--jobs` worker processes of one torch thread each (the models are tiny: one thread each
 beats two threads for one). Each part's rows are saved to `benchmarks/results/seed_methods.json`, so a
 run of some parts (`--parts cls`) rewrites the table with the other parts' saved rows, marked with
@@ -40,7 +41,8 @@ from still.bench import emit_json, markdown_table, write_section  # noqa: E402
 
 SECTION = "Seed methods"
 # longest first, so that `--jobs 2` puts the dense part on one worker and the others on the second
-PARTS = {"dense": "_seed_dense", "cls": "_seed_cls", "arra": "_seed_arra", "ood": "_seed_ood", "ssl": "_seed_ssl"}
+PARTS = {"dense": "_seed_dense", "cls": "_seed_cls", "arra": "_seed_arra", "ood": "_seed_ood", "ssl": "_seed_ssl",
+         "disco": "_seed_disco"}
 SAVED = HERE / "results" / "seed_methods.json"
 
 
@@ -154,11 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                (r["method_mean"], r["method_std"]), int(r.get("seeds", len(seeds))),
                                bool(r.get("lower_better")), r.get("scratch_column") or "scratch",
                                r.get("kd_column") or "plain KD")
-    notes = [f"part {d['part']!r}: " + (f"failed: {d['error']}" if d["error"] else
-                                         f"{len(d['rows'])} rows in {d['seconds']:.0f} s; {d['budget']}")
-             for d in done]
-    notes += [f"part {p!r}: {len(v['rows'])} rows {'' if args.report_only else 'carried over '}from "
-              f"`{v['command']}` ({v['date']}, {v['seconds']:.0f} s; {v['budget']})" for p, v in saved.items()]
+    notes = [f"part {d['part']!r} failed: {d['error']}" for d in done if d["error"]]
+    notes += [f"part {p!r}: {len(v['rows'])} rows in {v['seconds']:.0f} s; {v['budget']}" for p, v in merged.items()]
     for p, v in merged.items():
         src: dict[str, set[str]] = {}
         for r in v["rows"]:
@@ -168,16 +167,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             notes.append(f"part {p!r}: teachers " + "; ".join(f"{k} for {', '.join(sorted(ms))}" for k, ms in src.items())
                          + (" ('cached': weights an earlier run saved under $STILL_CACHE/bench/models, so their "
                             "training time is not in the part's seconds)" if "cached" in src else ""))
-    if args.report_only:
-        runs = {v["command"]: v for v in saved.values()}
-        wall = max((v.get("wall_s", 0.0) for v in runs.values()), default=0.0)
-        jobs = max((v.get("jobs", 1) for v in runs.values()), default=1)
+    runs: dict[tuple[str, str], list[str]] = {}
+    for p, v in merged.items():
+        runs.setdefault((v["command"], v["date"]), []).append(p)
+    made = [f"`{c}` ({d}): parts {', '.join(ps)}; wall {merged[ps[0]].get('wall_s', 0):.0f} s, "
+            f"{merged[ps[0]].get('jobs', 1)} worker process(es) of one torch thread each" for (c, d), ps in runs.items()]
     md = (f"{'Quick smoke run (1 seed, tiny budgets): not a result. ' if args.quick else ''}"
           "Figures in % unless the metric says otherwise (ARRA: nats/token and Fréchet distance, lower is "
           "better); a parenthesis in a baseline cell says what that baseline is for that row. Verdicts: "
           "'beats X' when the means differ by more than the two stds together. "
-          f"Mean ± std over {len(seeds)} seed(s); wall {wall:.0f} s for the run, {jobs} worker process(es) of one "
-          "torch thread each. The setup of each part is in its module's docstring.\n\n"
+          f"Mean ± std over {len(seeds)} seed(s). The setup of each part is in its module's docstring. "
+          "Rows made by " + "; ".join(made) + ".\n\n"
           + table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes))
     print(md)
     if not args.quick:
