@@ -1,8 +1,10 @@
 """DiSCo (catalog 1.4) on a conversational-retrieval task built from WordNet, with real teachers.
 
-Task: each synset's "conversation" is an earlier turn (the gloss of another synset of the same split)
-followed by a connective and the lemma ("... what about <lemma>?"); its rewrite is the bare lemma;
-the document to retrieve is the synset's definition, among all held-out definitions (R@1). The
+Task: each synset's "conversation" wraps the lemma in one of eight conversational turns ("so, going
+back to what we said, what about <lemma>?"); its rewrite is the bare lemma; the document to retrieve
+is the synset's definition, among all held-out definitions (R@1). (A static student is a bag of
+tokens, so the conversation must not hinge on word order: an earlier turn naming another topic would
+be unresolvable for it; the filler words are what the student must learn to ignore.) The
 student, a static-embedding model (`st_static`, 256-d, PCA init from MiniLM's token embeddings),
 reads the conversation; the teachers (all-MiniLM-L6-v2 and all-mpnet-base-v2, frozen, cached) read
 the rewrite (`RewriteTeacher`; documents are their own rewrite), as DiSCo's teachers score the
@@ -25,7 +27,10 @@ from typing import Any
 import torch
 
 CLAIM = "up to +6 recall points out of domain on 5 conversational-search sets; multi-teacher beats its teachers [A]"
-CONNECTIVES = ("what about", "and what is", "now tell me about", "how about")
+TURNS = ("hi! quick question: what is {}?", "so, going back to what we said, what about {}?",
+         "could you tell me what {} means, please?", "i was reading earlier and wondered about {}",
+         "ok and {}?", "thanks. next one: {}", "hmm, what does {} mean in this context?",
+         "one more thing i keep wondering about, {}, can you explain")
 
 
 @dataclass
@@ -41,11 +46,9 @@ class Budget:
 QUICK = Budget(train=64, test=64, epochs=1, batch_size=32, max_steps=3)
 
 
-def conversations(lemmas: list[str], glosses: list[str]) -> list[str]:
-    """One conversation per synset: another synset's gloss as the earlier turn, then the lemma."""
-    n = len(lemmas)
-    return [f"{glosses[(7 * i + 3) % n]}; {CONNECTIVES[i % len(CONNECTIVES)]} {lemma.replace('_', ' ')}?"
-            for i, lemma in enumerate(lemmas)]
+def conversations(lemmas: list[str]) -> list[str]:
+    """One conversational turn per synset, around its lemma (templates in turn)."""
+    return [TURNS[i % len(TURNS)].format(lemma.replace("_", " ")) for i, lemma in enumerate(lemmas)]
 
 
 def results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
@@ -57,7 +60,7 @@ def results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
     from still.teachers.rewrite import RewriteTeacher
 
     tr, te = wordnet_glosses("train", subset=b.train), wordnet_glosses("test", subset=b.test)
-    conv_tr, conv_te = conversations(tr.lemmas, tr.texts), conversations(te.lemmas, te.texts)
+    conv_tr, conv_te = conversations(tr.lemmas), conversations(te.lemmas)
     rewrites = dict(zip(conv_tr, tr.lemmas))
     texts = list(dict.fromkeys(conv_tr + tr.texts))
     cache = sti.DEFAULT_CACHE / "embeddings"
