@@ -17,7 +17,6 @@ Used by `benchmarks/seed_methods.py` (`--parts arra` runs this part alone): `row
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,20 +74,11 @@ def results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[dict[str, Any]]:
     from _seed_common import row
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     b = budget or (QUICK if quick else Budget())
-    t0 = time.perf_counter()
-    try:
-        res = results(b, seeds)
-    finally:
-        torch.set_num_threads(threads)
+    res = results(b, seeds)
     task = f"fmnist_tokens (49 patch tokens, K=64), {b.train} train"
     out = [row("arra", task, metric, res, (f"scratch_{k}", f"kd_{k}", f"arra_{k}"), CLAIM, None,
                teacher_acc=res["teacher_acc"][0], fmt="raw", lower_better=True, scratch_column="no alignment",
                kd_column="single-token alignment")
            for k, metric in (("nll", "held-out NLL (nats/token)"), ("fd", "Fréchet distance, teacher CNN features"))]
-    wall = time.perf_counter() - t0
-    for r in out:
-        r["wall_s_part"] = wall
     return out

@@ -28,7 +28,6 @@ Used by `benchmarks/seed_methods.py`: `rows(quick, seeds) -> list[dict]`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,11 +210,8 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
     from still.methods.base import build_method
     from still.teachers.base import LiveTeacher
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is faster on a shared CPU
     b = budget or (QUICK if quick else Budget())
     bench = ClsBench(b)
-    t0 = time.perf_counter()
     res: dict[str, list[float]] = {}
     add = lambda k, v: res.setdefault(k, []).append(v)  # noqa: E731
     tok = {"logits": "", "tokens": "features.2"}
@@ -265,7 +261,6 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
         res.update(degla_results(b, seeds))
         teacher_acc["degla"] = res["pretrained"][0]
         teacher_acc["degla_retrieval"] = res["pretrained_retrieval"][0]
-    torch.set_num_threads(threads)
     out = []
     n = b.train
     layout = [("trg", "scratch", "kd", f"{TASK.format(n=n)}, 10 classes", "main"),
@@ -281,7 +276,4 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None, degla: boo
             cols = {"scratch_column": "CLIP fine-tuning", "kd_column": "NegCLIP"} if m.startswith("degla") else {}
             out.append(row(m, task, METRIC, res, (sk, kk, m), CLAIMS[m], teacher_acc[tk], **cols,
                            teacher_source=bench.teacher_info.get(tk, {}).get("source")))
-    wall = time.perf_counter() - t0
-    for r in out:
-        r["wall_s_part"] = wall
     return out

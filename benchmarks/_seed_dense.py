@@ -164,9 +164,7 @@ class DenseBench:
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[dict[str, Any]]:
     """One dict per method: scratch / kd / method mIoU mean ± std over `seeds`, the paper's claim, a verdict.
     `budget` (default: QUICK if `quick` else Budget()) replaces the module's."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     bench = DenseBench(budget if budget is not None else QUICK if quick else Budget())
-    t0 = time.perf_counter()
     plain, semi = bench.teacher("plain"), bench.teacher("semi")
     teacher_miou = {"plain": bench.miou(plain), "semi": bench.miou(semi)}
     lad_t = bench.teacher("lad")
@@ -200,7 +198,4 @@ def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[di
         task = TASK.format(side=2 * bench.b.cell, item=bench.b.item)
         out.append(row(m, task + (" 25% labelled" if m == "mgd" else ""), METRIC, res, (sk, kk, m), CLAIMS[m],
                        teacher_miou["semi" if m == "mgd" else "plain"]))
-    wall = time.perf_counter() - t0
-    for r in out:
-        r["wall_s_part"] = wall
     return out

@@ -14,7 +14,6 @@ Used by `benchmarks/seed_methods.py` (`--parts ssl` runs this part alone): `rows
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,18 +79,9 @@ def results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
 def rows(quick: bool, seeds: list[int], budget: Budget | None = None) -> list[dict[str, Any]]:
     from _seed_common import row
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     b = budget or (QUICK if quick else Budget())
-    t0 = time.perf_counter()
-    try:
-        res = results(b, seeds)
-    finally:
-        torch.set_num_threads(threads)
+    res = results(b, seeds)
     task = f"Fashion-MNIST {b.train} unlabelled, kNN probe (reconstructed from the abstract)"
     out = [row(m, task, "kNN accuracy", res, ("scratch", "dino", m), CLAIMS[m], None, kd_column="plain DINO",
                scratch_column="untrained encoder") for m in ("mmc", "cmd")]
-    wall = time.perf_counter() - t0
-    for r in out:
-        r["wall_s_part"] = wall
     return out
