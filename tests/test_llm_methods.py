@@ -165,7 +165,7 @@ def test_issue4_store_serves_lm_distillation(tmp_path):
     student = lm_head_outputs(student_from_config({**CFG, "vocab_size": sub.size}, seed=0), batch)
     a = lm_kd(student, rec, labels=batch["labels"], kd_rows=len(sub.ids))
     b = lm_kd(student, live, labels=batch["labels"], kd_rows=len(sub.ids))
-    assert float(a) == pytest.approx(float(b), rel=2e-2)
+    assert a.item() == pytest.approx(b.item(), rel=2e-2)
     r = train_lm(student_from_config({**CFG, "vocab_size": sub.size}, seed=0), data,
                  LMDistillConfig(steps=2, batch_size=2, kd_rows=len(sub.ids)), teacher=st, collate=collate)
     assert all(math.isfinite(x) for x in r["losses"])
