@@ -13,7 +13,7 @@ from typing import Sequence
 
 from still.methods.base import MethodSpec
 from still.registry import register_method
-from still.teachers.rewrite import DISCO_PAPER
+from still.losses.multi_teacher_scores import DISCO_PAPER
 
 
 @register_method("disco", paper=DISCO_PAPER)

@@ -13,11 +13,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from still.losses.multi_teacher_scores import DISCO_PAPER
 from still.registry import register_teacher
 from still.teachers.base import Teacher
-
-DISCO_PAPER = ("Lupart et al., DiSCo Meets LLMs: A Unified Approach for Sparse Retrieval and Contextual "
-               "Distillation in Conversational Search (SIGIR 2025)")
 
 
 class RewriteTeacher(Teacher):
