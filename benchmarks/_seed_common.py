@@ -16,12 +16,14 @@ import torch
 
 def fit(model: torch.nn.Module, objective: Any, data: Any, seed: int, *, epochs: int, batch_size: int, lr: float,
         max_steps: int | None = None, teacher: Any = None, views: dict[str, str] | None = None,
-        inputs: Sequence[str] | None = None, lr_schedule: str = "constant") -> torch.nn.Module:
+        inputs: Sequence[str] | None = None, lr_schedule: str = "constant", warmup_steps: int = 0
+        ) -> torch.nn.Module:
     """Train `model` on `data` with `still.engine.train` (quiet, no eval) and return it in eval mode."""
     from still.engine import TrainConfig, train
 
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=min(batch_size, len(data)), lr=lr, seed=seed,
-                      lr_schedule=lr_schedule, progress=False, eval_every_epochs=None, log_every=10_000)
+                      lr_schedule=lr_schedule, warmup_steps=warmup_steps, progress=False, eval_every_epochs=None,
+                      log_every=10_000)
     train(model, objective, data, cfg, teacher=teacher, student_views=views or {"logits": ""}, student_inputs=inputs)
     return model.eval()
 

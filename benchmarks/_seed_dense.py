@@ -133,7 +133,7 @@ class DenseBench:
 
     def fit(self, method: str, seed: int, teacher: Any = None, data: Any = None, ready: Any = None,
             **params: Any) -> float:
-        from still.engine import TrainConfig, train
+        from _seed_common import fit
         from still.methods.base import build_method
         from still.teachers.base import LiveTeacher
 
@@ -149,14 +149,12 @@ class DenseBench:
             t = spec.wrap_teacher(t, student)
         b = self.b
         data = data if data is not None else self.train
-        cfg = TrainConfig(epochs=b.epochs, max_steps=b.max_steps, batch_size=b.batch_size, lr=b.lr, seed=seed,
-                          progress=False, lr_schedule=b.lr_schedule,
-                          warmup_steps=int(b.warmup * b.steps(len(data), b.epochs)),
-                          eval_every_epochs=None, log_every=10_000)
         t0 = time.perf_counter()
-        train(student, obj, data, cfg, teacher=t, student_views=views)
+        fit(student, obj, data, seed, epochs=b.epochs, batch_size=b.batch_size, lr=b.lr, max_steps=b.max_steps,
+            teacher=t, views=views, lr_schedule=b.lr_schedule,
+            warmup_steps=int(b.warmup * b.steps(len(data), b.epochs)))
         self.runs += 1
-        v = self.miou(student.eval())
+        v = self.miou(student)
         print(f"[dense] {method} seed {seed}: mIoU {v:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         return v
 
