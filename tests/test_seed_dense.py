@@ -181,7 +181,7 @@ def test_selective_global_matches_naive_and_shrinks() -> None:
         for i in range(2):
             f = [w @ s[i, :, p // 5, p % 5] + b for p in range(n)]
             sims = torch.stack([F.cosine_similarity(fi, t[i], dim=0) for fi in f])
-            top = sorted(range(n), key=lambda p: -float(sims[p]))[:k]
+            top = sorted(range(n), key=lambda p: -sims[p].item())[:k]
             mean = torch.stack([f[p] for p in top]).mean(0)
             total = total + 1 - F.cosine_similarity(mean, t[i], dim=0)
         return total / 2
@@ -261,7 +261,7 @@ def test_patch_to_patch_naive_and_perfect_match() -> None:
     _grads_match(lambda: patch_to_patch(feat, t, boxes, spatial_scale=0.25), naive, [feat])
     # a teacher equal to the pooled student patches (up to scale) gives 0
     same = 3 * roi_align(feat, boxes, 2, 0.25).mean((-2, -1)).detach()
-    assert float(patch_to_patch(feat, same, boxes, spatial_scale=0.25)) == pytest.approx(0.0, abs=1e-12)
+    assert patch_to_patch(feat, same, boxes, spatial_scale=0.25).item() == pytest.approx(0.0, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------- MGD
@@ -297,7 +297,7 @@ def test_seg_ce_ignores_and_survives_unlabelled_batches() -> None:
     _grads_match(lambda: seg_ce(s, y),
                  lambda: sum(-torch.log_softmax(s[i, :, a, b], 0)[int(y[i, a, b])] for i, a, b in valid) / len(valid), [s])
     none = seg_ce(s, torch.full_like(y, -100))
-    assert float(none) == 0.0 and torch.autograd.grad(none, s)[0].abs().sum() == 0
+    assert none.item() == 0.0 and torch.autograd.grad(none, s)[0].abs().sum() == 0
 
 
 # ---------------------------------------------------------------------------------- LAD
