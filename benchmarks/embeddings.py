@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from still.bench import emit_json, markdown_table, mean_std, write_section  # noqa: E402
+from still.bench import emit_json, markdown_table, mean_std, override_fields, write_section  # noqa: E402
 
 CACHE = Path(os.environ.get("STILL_CACHE", "~/.cache/still")).expanduser()
 WRITE_QUICK = False  # --quick --write: let the smoke run replace the BENCHMARKS.md section
@@ -419,14 +419,11 @@ def main() -> None:
     cfg = Config(**{**asdict(cfg), "seed_start": args.seed_start, "six_layer": not args.no_6layer,
                     "only_transformer": args.only_transformer,
                         "multi_rows": not args.no_multi})
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    for item in args.set:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
-        cur = getattr(cfg, key)
-        value = raw.lower() in ("1", "true", "yes") if isinstance(cur, bool) else type(cur)(raw)
-        cfg = Config(**{**asdict(cfg), key: value})
+    pairs = [item.partition("=") for item in args.set]
+    bad = [k + s + v for k, s, v in pairs if not s]
+    if bad:
+        raise SystemExit(f"--set {bad[0]!r}: expected FIELD=VALUE")
+    cfg = override_fields(cfg, {k: v for k, _, v in pairs}, "--set")
     torch.set_num_threads(cfg.threads)
     if args.report_only:
         merge_and_report(cfg, ["quick"] if args.quick else ["minilm", "mpnet"], {}, args.quick)

@@ -20,7 +20,6 @@ the date and command that made them.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import multiprocessing
@@ -37,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
 from _seed_common import verdict  # noqa: E402
-from still.bench import emit_json, markdown_table, write_section  # noqa: E402
+from still.bench import emit_json, markdown_table, override_fields, write_section  # noqa: E402
 
 SECTION = "Seed methods"
 # longest first, so that `--jobs 2` puts the dense part on one worker and the others on the second
@@ -69,15 +68,7 @@ def parse_budgets(items: list[str]) -> dict[str, dict[str, str]]:
 
 def make_budget(mod: Any, quick: bool, overrides: dict[str, str]) -> Any:
     """The part's QUICK or default Budget with `overrides` applied (typed by the dataclass's defaults)."""
-    b = dataclasses.replace(mod.QUICK) if quick else mod.Budget()
-    fields = {f.name: f for f in dataclasses.fields(b)}
-    for name, raw in overrides.items():
-        if name not in fields:
-            raise SystemExit(f"--budget: {mod.__name__}.Budget has no field {name!r}; fields: {', '.join(fields)}")
-        cur = getattr(b, name)
-        kind = type(cur) if cur is not None else (int if raw.lstrip("-").isdigit() else float)
-        setattr(b, name, None if raw.lower() == "none" else kind(raw))
-    return b
+    return override_fields(mod.QUICK if quick else mod.Budget(), overrides, f"--budget: {mod.__name__}")
 
 
 def run_part(part: str, quick: bool, seeds: list[int], overrides: dict[str, str]) -> dict[str, Any]:

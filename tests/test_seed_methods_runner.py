@@ -72,3 +72,23 @@ def test_report_only_rebuilds_the_table_from_saved_rows_with_one_verdict_rule(tm
     out = capsys.readouterr().out
     assert "| m | t | acc | 50.00 ± 1.00 | 60.00 ± 1.00 | 70.00 ± 1.00 | 90.00 |" in out
     assert "`python benchmarks/seed_methods.py` (d): parts ssl; wall 99 s, 2 worker process(es)" in out
+
+
+def test_override_fields_types_each_field_from_its_current_value() -> None:
+    from dataclasses import dataclass
+
+    from still.bench import override_fields
+
+    @dataclass
+    class C:
+        n: int = 1
+        lr: float = 0.1
+        flag: bool = False
+        text: str = "a"
+        cap: int | None = None
+
+    c = override_fields(C(), {"n": "3", "lr": "2e-3", "flag": "true", "text": "none", "cap": "7"})
+    assert c == C(n=3, lr=0.002, flag=True, text="none", cap=7)  # "none" is a string for a str field
+    assert override_fields(C(cap=4), {"cap": "None", "flag": "0"}) == C(cap=None, flag=False)
+    with pytest.raises(SystemExit, match="--set: C has no field 'm'"):
+        override_fields(C(), {"m": "1"}, "--set")

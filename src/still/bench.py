@@ -111,6 +111,28 @@ def write_section(name: str, markdown: str, command: str | None = None, path: Pa
     return path
 
 
+def override_fields(obj: Any, overrides: Mapping[str, str], what: str = "override") -> Any:
+    """A copy of the dataclass `obj` with string `overrides` ({field: "value"}) typed by its fields: bools
+    from 1/true/yes, "none" → None for Optional fields, else the type of the current value (a None
+    value: int if the text is an integer, else float). An unknown field is a SystemExit naming `what`."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    typed: dict[str, Any] = {}
+    for name, raw in overrides.items():
+        if name not in fields:
+            raise SystemExit(f"{what}: {type(obj).__name__} has no field {name!r}; fields: {', '.join(fields)}")
+        cur = getattr(obj, name)
+        if raw.lower() == "none" and (cur is None or "None" in str(fields[name].type)):
+            typed[name] = None
+        elif isinstance(cur, bool):
+            typed[name] = raw.lower() in ("1", "true", "yes")
+        else:
+            kind = type(cur) if cur is not None else (int if raw.lstrip("-").isdigit() else float)
+            typed[name] = kind(raw)
+    return dataclasses.replace(obj, **typed)
+
+
 def cache_dir(*parts: str) -> Path:
     """`$STILL_CACHE/bench/<parts...>` (default `~/.cache/still/bench`), created."""
     root = Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still")).expanduser() / "bench"
