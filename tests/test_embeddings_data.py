@@ -117,3 +117,18 @@ def test_distillation_text_holds_no_heldout_item():
     assert texts[:10] == distill_corpus(2000, fortunes_n=500, kjv_n=500)[:10]  # deterministic
     ds = DATASETS.build("distill_text", split="train", synsets=100, subset=50)
     assert len(ds) == 50 and ds[0]["text"] == ds.texts[0]
+
+
+def test_distill_pairs_are_training_words_with_their_glosses():
+    from still.data.text import distill_corpus, distill_pairs
+
+    pairs = distill_pairs(2000)
+    wn = wordnet_glosses("train", subset=2000)
+    gloss_of = {}
+    for lem, gl in zip(wn.lemmas, wn.texts):
+        gloss_of.setdefault(lem, set()).add(gl)
+    assert len(pairs) > 1900 and all(gl in gloss_of[lem] for lem, gl in pairs)
+    held = set(wordnet_glosses("test", unique_lemmas=False).texts)
+    flat = {x for p in pairs for x in p}
+    assert not held & flat and flat <= set(distill_corpus(2000)) | {lem for lem, _ in pairs}
+    assert len(set(pairs)) == len(pairs) and pairs == distill_pairs(2000)

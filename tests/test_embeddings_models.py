@@ -157,6 +157,36 @@ def test_distillation_reduces_the_loss_multi_teacher(teacher):
     assert obj.adapters["embedding_cosine_other"].inner.weight.shape == (96, 24)
 
 
+def test_grouped_batches_keep_each_group_in_one_batch():
+    sizes = [2, 1, 3, 2, 2, 1, 4, 2]
+    starts = np.cumsum([0] + sizes[:-1]).tolist()
+    perm = [3, 0, 7, 1, 6, 2, 5, 4]
+    batches = sti._grouped_batches(sizes, 5, perm)
+    assert all(len(b) <= 5 for b in batches)
+    member = {i: g for g, (a, n) in enumerate(zip(starts, sizes)) for i in range(a, a + n)}
+    seen = [g for b in batches for g in dict.fromkeys(member[i] for i in b)]
+    assert seen == perm[: len(seen)] and len(seen) >= len(perm) - 1  # whole groups, in order, maybe one short tail
+    assert sorted(i for b in batches for i in b) == sorted(i for g in seen for i in range(starts[g], starts[g] + sizes[g]))
+    assert sti._grouped_batches([7], 4, [0]) == [[0, 1, 2, 3, 4, 5, 6]]  # a group larger than a batch stays whole
+
+
+def test_distill_embeddings_with_groups(teacher):
+    """Groups (tuples) share a batch: a recording teacher sees each (word, definition) pair together."""
+    pairs = [(w, f"the word {w} in a sentence") for w in ["dog", "tree", "rally", "fox", "metre", "god", "act", "mail"]]
+    seen: list[list[str]] = []
+    table = dict(zip([x for p in pairs for x in p], teacher.encode([x for p in pairs for x in p])))
+    rec = sti.CallableTeacher(lambda t: (seen.append(list(t)), torch.stack([table[x] for x in t]))[1])
+    student = static_student("minilm", dim=16, init="random")
+    obj = Objective(multi_teacher_terms(["embedding"], adapter="linear"))
+    res = sti.distill_embeddings(student, obj, pairs, rec, epochs=2, batch_size=5, lr=1e-2, warmup=0.0)
+    batches = seen[1:]  # the first call validates the objective on the first texts
+    assert res["steps"] == len(batches) == 8 and all(len(b) == 4 for b in batches)
+    for b in batches:
+        assert all(b[i + 1] == f"the word {b[i]} in a sentence" for i in range(0, len(b), 2))
+    with pytest.raises(TypeError, match="groups"):
+        sti.distill_embeddings(student, obj, [("a", 3)], rec)
+
+
 def test_mpnet_assembly_if_installed():
     from importlib import metadata
 

@@ -338,6 +338,18 @@ def distill_corpus(synsets: int | None = 8000, fortunes_n: int = 0, kjv_n: int =
     return [t for t in dict.fromkeys(out) if t not in held]
 
 
+def distill_pairs(synsets: int | None = 8000, max_chars: int | None = 400) -> list[tuple[str, str]]:
+    """(first lemma, gloss) of `synsets` training synsets (the nested subset `distill_corpus` reads),
+    for batches that keep a word with its definition (`distill_embeddings` groups). The same texts as
+    `distill_corpus(synsets)`: glosses over `max_chars` or equal to a held-out definition are dropped
+    (with their pair), as is a lemma equal to one, and a repeated (lemma, gloss) pair is kept once."""
+    wn = wordnet_glosses("train", subset=synsets)
+    held = set(wordnet_glosses("test", unique_lemmas=False).texts)
+    pairs = [(lem, gl) for lem, gl in zip(wn.lemmas, wn.texts)
+             if gl not in held and lem not in held and (max_chars is None or len(gl) <= max_chars)]
+    return list(dict.fromkeys(pairs))
+
+
 @register_dataset("distill_text")
 def distill_text(split: str = "train", synsets: int | None = 8000, fortunes_n: int = 0, kjv_n: int = 0,
                  lemmas: bool = True, subset: int | None = None) -> TextDataset:
@@ -353,5 +365,5 @@ def distill_text(split: str = "train", synsets: int | None = 8000, fortunes_n: i
 
 
 __all__ = ["TextDataset", "text_collate", "MissingDataError", "wordnet_glosses", "fortunes", "kjv_verses",
-           "fortunes_unlabeled", "fortune_files", "distill_corpus", "distill_text",
+           "fortunes_unlabeled", "fortune_files", "distill_corpus", "distill_pairs", "distill_text",
            "parse_wordnet_line", "read_fortune_file", "parse_kjv", "FORTUNE_CATEGORIES", "stable_fraction"]

@@ -399,7 +399,28 @@ def st_teacher(path: str = "minilm", view: str = "embedding", batch_size: int = 
 
 
 # -- the distillation loop -----------------------------------------------------------------------
-def distill_embeddings(student: Any, objective: Any, texts: Sequence[str], teacher: Teacher, *, epochs: int = 1,
+def _grouped_batches(sizes: list[int], batch_size: int, perm: list[int]) -> list[list[int]]:
+    """Indices (into the flattened texts) of batches of about `batch_size` texts made of whole groups
+    (group `i` has `sizes[i]` texts), in `perm` order; a batch closes before the group that would
+    overflow it (a group larger than a batch is a batch of its own). A trailing batch under half
+    `batch_size` is dropped, as a plain epoch drops its remainder."""
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in perm:
+        if cur and len(cur) + sizes[i] > batch_size:
+            batches.append(cur)
+            cur = []
+        cur.extend(range(starts[i], starts[i] + sizes[i]))
+    if len(cur) >= max(2, batch_size // 2):
+        batches.append(cur)
+    return batches
+
+
+def distill_embeddings(student: Any, objective: Any, texts: Sequence[str | Sequence[str]], teacher: Teacher, *,
+                       epochs: int = 1,
                        batch_size: int = 64, lr: float = 1e-4, weight_decay: float = 0.01, warmup: float = 0.05,
                        max_steps: int | None = None, clip_grad_norm: float | None = 1.0, seed: int = 0,
                        student_view: str = "embedding", log_every: int = 0) -> dict[str, Any]:
@@ -409,18 +430,38 @@ def distill_embeddings(student: Any, objective: Any, texts: Sequence[str], teach
     tokenizer, asks the teacher for `objective.teacher_views()` (from its cache when it has one), and
     takes an AdamW step on the student's and the objective's parameters (projection heads) with a
     linear warm-up then linear decay. Returns `{"steps", "seconds", "history": [{term: value}]}`.
+
+    `texts` may hold groups (tuples of strings) besides strings: a group's texts always share a batch,
+    so in-batch terms (score-KL, relation) see, e.g., a query with its passage, as DiSCo's query and
+    candidates; batches are then filled with whole groups up to `batch_size` texts.
     """
     import time
 
-    texts = list(texts)
-    if len(texts) < 2:
+    items = list(texts)
+    grouped = any(not isinstance(t, str) for t in items)
+    groups = [(t,) if isinstance(t, str) else tuple(t) for t in items]
+    if any(not g_ or not all(isinstance(x, str) for x in g_) for g_ in groups):
+        raise TypeError("distill_embeddings: texts must be strings or non-empty tuples of strings (groups)")
+    flat = [x for g_ in groups for x in g_]
+    if len(flat) < 2:
         raise ValueError("distill_embeddings needs at least 2 texts")
     names = objective.teacher_views()
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    steps_per_epoch = max(1, len(texts) // batch_size)
+
+    sizes = [len(g_) for g_ in groups]
+
+    def epoch_batches() -> list[list[int]]:
+        perm = torch.randperm(len(groups), generator=g).tolist()
+        if grouped:
+            return _grouped_batches(sizes, batch_size, perm)
+        return [perm[a:a + batch_size] for a in range(0, steps_per_epoch * batch_size, batch_size)]
+
+    steps_per_epoch = max(1, len(flat) // batch_size)
+    if grouped:  # epochs of whole groups; their batch count can differ by one between shuffles
+        steps_per_epoch = len(_grouped_batches(sizes, batch_size, list(range(len(groups)))))
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    first = texts[:batch_size]
+    first = flat[:batch_size]
     student.train()
     objective.validate({student_view: student(texts=first)}, teacher.views({"text": first}, names), {"text": first})
     params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
@@ -432,12 +473,10 @@ def distill_embeddings(student: Any, objective: Any, texts: Sequence[str], teach
     history: list[dict[str, float]] = []
     step, t0 = 0, time.perf_counter()
     while step < total:
-        perm = torch.randperm(len(texts), generator=g).tolist()
-        for a in range(0, steps_per_epoch * batch_size, batch_size):
+        for idx in epoch_batches():
             if step >= total:
                 break
-            idx = perm[a:a + batch_size]
-            bt = [texts[i] for i in idx]
+            bt = [flat[i] for i in idx]
             batch = {"text": bt, "index": torch.tensor(idx)}
             tv = teacher.views(batch, names)
             objective.set_progress(step, total)
