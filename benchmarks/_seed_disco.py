@@ -57,13 +57,14 @@ def results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
     from still.integrations.embedding_eval import wordnet_retrieval
     from still.methods.base import build_method
     from still.models.text import static_student
+    from still.paths import cache_root
     from still.teachers.rewrite import RewriteTeacher
 
     tr, te = wordnet_glosses("train", subset=b.train), wordnet_glosses("test", subset=b.test)
     conv_tr, conv_te = conversations(tr.lemmas), conversations(te.lemmas)
     rewrites = dict(zip(conv_tr, tr.lemmas))
     texts = list(dict.fromkeys(conv_tr + tr.texts))
-    cache = sti.DEFAULT_CACHE / "embeddings"
+    cache = cache_root("embeddings")
     minilm = sti.STTeacher("minilm", view="minilm", cache_dir=cache)
     mpnet = sti.STTeacher("mpnet", view="mpnet", cache_dir=cache)
     for t in (minilm, mpnet):

@@ -36,8 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from still.bench import emit_json, markdown_table, mean_std, override_fields, write_section  # noqa: E402
+from still.paths import cache_root  # noqa: E402
 
-CACHE = Path(os.environ.get("STILL_CACHE", "~/.cache/still")).expanduser()
+CACHE = cache_root()
 WRITE_QUICK = False  # --quick --write: let the smoke run replace the BENCHMARKS.md section
 STATIC_ROW = "still static (256-d, PCA init) ← MiniLM"
 M2V_ROW = "still static (256-d, model2vec init, cosine) ← MiniLM"

@@ -37,6 +37,7 @@ from still.integrations.lm_loop import (TopKCacheTeacher, lm_perplexity, record_
                                         student_head_fn, teacher_head_fn, train_lm)
 from still.losses.llm_span import word_span_ids, word_starts_from_tokenizer  # noqa: E402
 from still.methods.llm import LMDistillConfig  # noqa: E402
+from still.paths import cache_root  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +155,7 @@ def main() -> None:
 
     # the teacher: held-out perplexity, then its top-k recorded once
     tp = lm_perplexity(teacher_head_fn(teacher), test, collate, kd_rows)
-    cache = Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still")) / "llm_topk" / (
+    cache = cache_root("llm_topk") / (
         f"{teacher.fingerprint()}-{train.fingerprint()}-k{S['k']}")
     t0 = time.perf_counter()
     cached = (cache / "manifest.json").exists()

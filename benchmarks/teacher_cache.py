@@ -32,10 +32,11 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from still.bench import emit_json, fmt_mean_std, interleaved_median, markdown_table, mean_std, write_section  # noqa: E402
+from still.paths import cache_root  # noqa: E402
 from still.teachers.base import LiveTeacher, Teacher  # noqa: E402
 from still.teachers.store import StoreTeacher, write_store  # noqa: E402
 
-CACHE = Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still")) / "bench" / "teacher_cache"
+CACHE = cache_root("bench", "teacher_cache")
 KS = (1, 8, 32, 128)
 
 

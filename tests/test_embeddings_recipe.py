@@ -42,11 +42,10 @@ def test_embedding_recipe_runs_end_to_end(tmp_path, monkeypatch, one_thread):
     from sentence_transformers import SentenceTransformer
 
     from still.integrations import embedding_eval as ee
-    from still.integrations import sentence_transformers as sti
     from still.pipeline import run_recipe, summary_rows
     from still.recipes.schema import load_recipe
 
-    monkeypatch.setattr(sti, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(ee.RECIPE_SUITE, "wordnet_pairs", 40)
     monkeypatch.setitem(ee.RECIPE_SUITE, "fortunes_per_class", 8)
     monkeypatch.setitem(ee.RECIPE_SUITE, "kjv_verses", 20)

@@ -135,8 +135,9 @@ def override_fields(obj: Any, overrides: Mapping[str, str], what: str = "overrid
 
 def cache_dir(*parts: str) -> Path:
     """`$STILL_CACHE/bench/<parts...>` (default `~/.cache/still/bench`), created."""
-    root = Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still")).expanduser() / "bench"
-    out = root.joinpath(*parts)
+    from still.paths import cache_root
+
+    out = cache_root("bench", *parts)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

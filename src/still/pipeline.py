@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from still.recipes.build import (
-    build_dataset, build_live_teacher, build_model, build_objective, build_store_teacher, load_weights,
+    build_dataset, build_live_teacher, build_objective, build_store_teacher, load_weights,
     seeded_model,
 )
 from still.recipes.schema import Recipe, RecipeError, TrainSpec, recipe_to_yaml
@@ -365,7 +365,8 @@ def is_embedding_recipe(recipe: Recipe) -> bool:
 
 def _embedding_teacher(recipe: Recipe, log: _Log) -> Any:
     """The recipe's teacher as a cached `STTeacher` (a sentence-transformers model serving one view)."""
-    from still.integrations.sentence_transformers import DEFAULT_CACHE, STTeacher
+    from still.integrations.sentence_transformers import STTeacher
+    from still.paths import cache_root
 
     spec = recipe.teacher
     if spec is None or spec.model is None:
@@ -382,7 +383,7 @@ def _embedding_teacher(recipe: Recipe, log: _Log) -> Any:
     if st is None:
         raise RecipeError(f"teacher.model: {spec.model.name or spec.model.factory} is not a sentence-transformers "
                           f"model (use st_model / st_layer_dropped / st_static)")
-    return STTeacher(st, view=next(iter(spec.views)), cache_dir=DEFAULT_CACHE / "embeddings")
+    return STTeacher(st, view=next(iter(spec.views)), cache_dir=cache_root("embeddings"))
 
 
 def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, resume: bool,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from still.losses.vocab import VocabMismatchError, tokenizer_hash  # noqa: F401  (one error type and hash, re-exported)
+from still.paths import cache_root
 from still.teachers.base import Teacher, weights_fingerprint
 from still.teachers.store_format import TopKLogits  # the one top-k type (re-exported)
 
@@ -55,11 +56,6 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, tokeniz
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True) if tokenizer else None
     return model, tok
-
-
-def cache_root() -> Path:
-    """Where converted models and teacher caches live (`$STILL_CACHE`, default `~/.cache/still`)."""
-    return Path(os.environ.get("STILL_CACHE", Path.home() / ".cache" / "still"))
 
 
 def gemma3_270m_dir(cache_dir: str | Path | None = None) -> Path:

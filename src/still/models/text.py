@@ -24,6 +24,7 @@ from still.data.text import text_collate
 from still.integrations import embedding_eval as _embedding_eval  # noqa: F401  registers the embedding metrics
 from still.integrations import sentence_transformers as sti  # registers the `st_teacher` factory
 from still.registry import register_model
+from still.paths import cache_root
 
 
 class STStudent(nn.Module):
@@ -257,7 +258,7 @@ def model2vec_distilled(teacher: str = "minilm", dim: int = 256) -> Path:
 
     tdir = sti.resolve_model_path(teacher)
     key = hashlib.sha256(str(tdir.resolve()).encode()).hexdigest()[:12]
-    out = sti.DEFAULT_CACHE / "models" / f"model2vec-{key}-{dim}"
+    out = cache_root("models", f"model2vec-{key}-{dim}")
     if (out / "modules.json").exists() or (out / "config.json").exists():
         return out
     try:

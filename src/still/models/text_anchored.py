@@ -29,7 +29,9 @@ FASHION_MNIST_PROMPT_NAMES = ("t-shirt or top", "trouser", "pullover", "dress", 
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("STILL_CACHE", "~/.cache/still")).expanduser() / "text_embeddings"
+    from still.paths import cache_root
+
+    return cache_root("text_embeddings")
 
 
 @lru_cache(maxsize=32)
