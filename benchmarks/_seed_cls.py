@@ -153,7 +153,6 @@ def degla_results(b: Budget, seeds: list[int]) -> dict[str, list[float]]:
     """Pretrain once (CLIP), fine-tune per seed with clip / negclip / degla; compositional and retrieval accuracy."""
     import copy
 
-    from still.engine import TrainConfig, train
     from still.methods.base import build_method
     from still.registry import DATASETS, MODELS
 

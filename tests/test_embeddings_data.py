@@ -106,7 +106,7 @@ def test_kjv_real_split():
 def test_distillation_text_holds_no_heldout_item():
     """Unlabeled fortunes leave out every item the probe may use; the distillation corpus leaves out held-out
     WordNet definitions and KJV verses (also when another synset / verse has the same text)."""
-    from still.data.text import distill_corpus, distill_text, fortunes_unlabeled
+    from still.data.text import distill_corpus, fortunes_unlabeled
 
     unl = fortunes_unlabeled()
     probe = {t for s in ("train", "test") for t in fortunes(s, per_class=200).texts}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from still.data.lm_text import (DOMAINS, ByteTokenizer, DomainUnavailableError, LMBlocks, available_domains,
+from still.data.lm_text import (DOMAINS, ByteTokenizer, LMBlocks, available_domains,
                                 domain_blocks, domain_texts, is_test_doc)
 from still.registry import DATASETS
 

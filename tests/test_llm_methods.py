@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from still.data.lm_text import ByteTokenizer, LMBlocks
+from still.data.lm_text import LMBlocks
 from still.integrations.causal_lm import CausalLMTeacher, lm_head_outputs, student_from_config
 from still.integrations.lm_loop import TopKCacheTeacher, lm_perplexity, record_topk, student_head_fn, train_lm
 from still.methods.base import build_method

@@ -22,7 +22,6 @@ def cached(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_cache_recipe_records_the_recipe_teacher(cached: Path) -> None:
-    from still.recipes.build import build_dataset
     from still.recipes.schema import load_recipe
     from still.teachers.cache_cmd import recipe_teacher, verify_store
     from still.teachers.store import StoreTeacher

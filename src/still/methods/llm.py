@@ -18,11 +18,8 @@ Each step draws a batch (uniformly, or by DDK's domain weights); then, by the me
 
 from __future__ import annotations
 
-import math
-import random
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
