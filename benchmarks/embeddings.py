@@ -53,7 +53,10 @@ class Config:
     #                               no fortunes), "static" (with the fortunes) or "tf" (n_train_tf synsets)
     tf_minilm_lr: float = 3e-4    # its AdamW lr (1e-4 with 3,000 synsets gave 79 % of MiniLM's R@1)
     tf_minilm_epochs: int = 2     # its epochs (1 epoch of "static" at 3e-4: 87 %, 1 seed)
-    n_train_mpnet: int = 1000     # ... for MPNet / multi-teacher students (MPNet encodes ~25 sent/s idle)
+    n_train_mpnet: int = 4000     # ... for MPNet / multi-teacher students (MPNet encodes ~45 sent/s on one core)
+    pairs: bool = True            # transformer students: each synset's lemma and gloss share a batch (in-batch
+    #                               score-KL then sees the teacher's word -> definition scores; distill_pairs)
+    pair_ablation: bool = True    # also the unpaired ("shuffled texts") 2-layer <- MiniLM and 6-layer <- MPNet rows
     eval_pairs: int = 1000        # held-out (lemma, definition) pairs, one synset per lemma
     kjv: int = 500                # held-out KJV verses for agreement
     fortunes_per_class: int = 100
@@ -78,17 +81,8 @@ class Config:
 
 QUICK = Config(n_train=200, static_fortunes=100, n_train_tf=200, n_train_mpnet=0, eval_pairs=100, kjv=50,
                fortunes_per_class=12, seeds=1, static_epochs=2, tf_minilm_epochs=1, throughput_texts=64, model2vec=False,
-               static_m2v=False, mpnet=False, threads=2)
-
-
-def train_texts(n: int) -> list[str]:
-    """Glosses of the first `n` training synsets (a fixed nested subset) plus their first lemmas."""
-    from still.data.text import wordnet_glosses
-
-    if n <= 0:
-        return []
-    ds = wordnet_glosses("train", subset=n)
-    return list(dict.fromkeys(ds.texts + ds.lemmas))
+               static_m2v=False, mpnet=False, pair_ablation=False, threads=2)
+UNPAIRED = " (shuffled texts)"  # the suffix of a transformer row trained without (lemma, gloss) batches
 
 
 def suite_texts(suite) -> list[str]:
@@ -100,25 +94,28 @@ def load_everything(cfg: Config, progress: bool = True, only: str | None = None)
     from still.integrations.embedding_eval import EvalSuite
 
     suite = EvalSuite.build(cfg.eval_pairs, cfg.fortunes_per_class, cfg.kjv)
-    from still.data.text import distill_corpus
+    from still.data.text import distill_corpus, distill_pairs
 
     texts = distill_corpus(cfg.n_train, fortunes_n=cfg.static_fortunes)  # held-out texts excluded
     texts_tf = distill_corpus(cfg.n_train_tf)
-    texts_mp = train_texts(cfg.n_train_mpnet)
+    pairs_mp = distill_pairs(cfg.n_train_mpnet) if cfg.n_train_mpnet > 0 else []
+    texts_mp = distill_corpus(cfg.n_train_mpnet) if cfg.n_train_mpnet > 0 else []
+    mp_all = list(dict.fromkeys(texts_mp + [x for p in pairs_mp for x in p]))
     emb_cache = CACHE / "embeddings"
     enc = {}
     minilm = sti.STTeacher("minilm", view="minilm", cache_dir=emb_cache)
     mpnet = sti.STTeacher("mpnet", view="mpnet", cache_dir=emb_cache) if cfg.mpnet else None
     if only in (None, "minilm"):
         t0 = time.perf_counter()
-        minilm.precompute(suite_texts(suite) + texts_mp + texts_tf + texts, progress=progress)
+        minilm.precompute(suite_texts(suite) + mp_all + texts_tf + texts, progress=progress)
         enc["minilm"] = time.perf_counter() - t0
     if mpnet is not None and only in (None, "mpnet"):  # held-out WordNet and KJV and the training texts
         t0 = time.perf_counter()
-        mpnet.precompute(suite.lemmas + suite.definitions + suite.kjv + texts_mp, progress=progress)
+        mpnet.precompute(suite.lemmas + suite.definitions + suite.kjv + mp_all, progress=progress)
         enc["mpnet"] = time.perf_counter() - t0
-    corpora = {"static": texts, "tf": texts_tf, "mpnet": texts_mp,
-               "wordnet": distill_corpus(cfg.n_train)}  # the static students' synsets, no fortunes (short texts)
+    corpora = {"static": texts, "tf": texts_tf, "mpnet": texts_mp, "mpnet_pairs": pairs_mp,
+               "wordnet": distill_corpus(cfg.n_train),  # the static students' synsets, no fortunes (short texts)
+               "wordnet_pairs": distill_pairs(cfg.n_train), "tf_pairs": distill_pairs(cfg.n_train_tf)}
     return suite, corpora, minilm, mpnet, enc
 
 
@@ -232,11 +229,23 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         train_eval(M2V_ROW, lambda: static_student("minilm", dim=256, init="model2vec", model2vec_path=str(m2v_dir)),
                    {"minilm": 1.0}, "minilm", texts["static"], cfg.m2v_epochs, cfg.m2v_lr, 128, True, minilm, wd=0.0,
                    kl=0.0, rel=0.0)
+    def tf_corpus(key: str, paired: bool):
+        """The transformer students' text: (lemma, gloss) groups when `paired`, else shuffled texts."""
+        if not paired:
+            return texts[key]
+        if key == "static":
+            raise SystemExit("--set tf_text=static has no (lemma, gloss) pairs (the fortunes have none): "
+                             "add --set pairs=false")
+        return texts[f"{key}_pairs"]
+
+    variants = [cfg.pairs] + ([False] if cfg.pairs and cfg.pair_ablation else [])  # paired rows first
     # (1) transformer student, MiniLM teacher: 2 of its 6 layers, FFN pruned to 768 of 1536 neurons
     if do_minilm:
-        train_eval("still 2-layer, FFN 768 ← MiniLM", lambda: layer_dropped_student("minilm", keep=2, ffn_width=768),
-                   {"minilm": 1.0}, "minilm", texts[cfg.tf_text], cfg.tf_minilm_epochs, cfg.tf_minilm_lr, cfg.batch_size,
-                   True, minilm)
+        for paired in variants:
+            train_eval("still 2-layer, FFN 768 ← MiniLM" + ("" if paired else UNPAIRED),
+                       lambda: layer_dropped_student("minilm", keep=2, ffn_width=768), {"minilm": 1.0}, "minilm",
+                       tf_corpus(cfg.tf_text, paired), cfg.tf_minilm_epochs, cfg.tf_minilm_lr, cfg.batch_size,
+                       True, minilm)
     if do_mpnet:
         # MPNet's cache is first read here, so a `--prepare mpnet` running alongside can fill it meanwhile
         kjv_t["mpnet"] = suite.encode_kjv(mpnet.encode)
@@ -245,16 +254,18 @@ def run_all(cfg: Config, suite, texts, minilm, mpnet, enc, quick: bool, t_start:
         both = sti.TeacherGroup([minilm, mpnet])
         # (3) a 6-layer student (MiniLM's architecture and init) distilled from MPNet
         if cfg.six_layer:
-            train_eval("still 6-layer ← MPNet", lambda: layer_dropped_student("minilm", keep=list(range(6))),
-                       {"mpnet": 1.0}, "mpnet", texts["mpnet"], cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, False,
-                       mpnet, fortunes=False)
+            for paired in variants:
+                train_eval("still 6-layer ← MPNet" + ("" if paired else UNPAIRED),
+                           lambda: layer_dropped_student("minilm", keep=list(range(6))), {"mpnet": 1.0}, "mpnet",
+                           tf_corpus("mpnet", paired), cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, False, mpnet,
+                           fortunes=False)
         # (4) single vs multi teacher, same 2-layer student and data
         rows = [("MiniLM", {"minilm": 1.0}, "minilm", minilm), ("MPNet", {"mpnet": 1.0}, "mpnet", mpnet),
                 ("MiniLM + MPNet", {"minilm": 0.5, "mpnet": 0.5}, "mpnet", both)] if cfg.multi_rows else []
         for label, tw, tv, tobj in rows:
-            train_eval(f"still 2-layer, FFN 768 ← {label} [{cfg.n_train_mpnet} synsets]",
-                       lambda: layer_dropped_student("minilm", keep=2, ffn_width=768), tw, tv, texts["mpnet"],
-                       cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, True, tobj)
+            train_eval(f"still 2-layer, FFN 768 ← {label} [{cfg.n_train_mpnet} synsets]" + ("" if cfg.pairs else UNPAIRED),
+                       lambda: layer_dropped_student("minilm", keep=2, ffn_width=768), tw, tv,
+                       tf_corpus("mpnet", cfg.pairs), cfg.mpnet_epochs, cfg.tf_lr, cfg.batch_size, True, tobj)
     # throughput: same texts, same batch size, warmed up, interleaved
     tp_texts = suite.definitions[: cfg.throughput_texts]
     tp = throughput({k: v["encode"] for k, v in results.items()}, tp_texts, repeats=3)
@@ -339,11 +350,15 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
                 line += (f"; vs model2vec distill R@1 {f(cand, 'r1'):.3f} vs {f(m2, 'r1'):.3f}, fortunes "
                          f"{f(cand, 'fortunes'):.3f} vs {f(m2, 'fortunes'):.3f} → {'beats it' if beat else 'does NOT beat it'}")
             goals.append(line + ".")
-    mp = "still 6-layer ← MPNet"
-    if mp in figs:
-        goals.append(f"- 6-layer student from MPNet R@1 {f(mp, 'r1'):.3f} vs off-the-shelf MiniLM {r1_base:.3f} → "
-                     f"{'matches or beats it' if f(mp, 'r1') >= r1_base else 'below it'}.")
-    sfx = f" [{cfg.n_train_mpnet} synsets]"
+    mp = max((n for n in figs if n.startswith("still 6-layer ← MPNet")), key=lambda n: f(n, "r1"), default=None)
+    if mp:
+        goals.append(f"- 6-layer student from MPNet (**{mp}**) R@1 {f(mp, 'r1'):.3f} vs off-the-shelf MiniLM "
+                     f"{r1_base:.3f} → {'matches or beats it' if f(mp, 'r1') >= r1_base else 'below it'}.")
+    for base in ("still 2-layer, FFN 768 ← MiniLM", "still 6-layer ← MPNet"):
+        if base in figs and base + UNPAIRED in figs:
+            goals.append(f"- (lemma, gloss) batches vs shuffled texts, same student, data and budget: **{base}** R@1 "
+                         f"{f(base, 'r1'):.3f} vs {f(base + UNPAIRED, 'r1'):.3f}.")
+    sfx = f" [{cfg.n_train_mpnet} synsets]" + ("" if cfg.pairs else UNPAIRED)
     multi = "still 2-layer, FFN 768 ← MiniLM + MPNet" + sfx
     if multi in figs:
         goals.append(f"- Multi-teacher 2-layer R@1 {f(multi, 'r1'):.3f}, fortunes {f(multi, 'fortunes'):.3f} vs "
@@ -353,7 +368,14 @@ def report(cfg, results, enc, quick, total_s, commands: list[str] | None = None)
                      f"{f('still 2-layer, FFN 768 ← MPNet' + sfx, 'fortunes'):.3f} (same student, data and budget).")
     tf_corpus = {"static": "the static students' text", "wordnet": f"the static students' {cfg.n_train} synsets "
                  "(no fortunes)"}.get(getattr(cfg, "tf_text", "tf"), f"{cfg.n_train_tf} synsets")
-    setup = (f"Training text: glosses + first lemmas of {cfg.n_train} (static; also the 2-layer ← MiniLM student's "
+    pairing = ("Transformer students (rows without the 'shuffled texts' mark) train on (lemma, gloss) batches: each "
+               f"training synset's first lemma and its gloss share a batch ({cfg.batch_size // 2} pairs = "
+               f"{cfg.batch_size} texts; `still.data.text.distill_pairs`, `distill_embeddings` groups), so the "
+               f"in-batch score-KL carries the teacher's word → definition scores against {cfg.batch_size // 2 - 1} "
+               "other definitions and words, as DiSCo distils a "
+               "query's scores over its candidates; only the teacher's embeddings are targets (no pair is a label). "
+               "'Shuffled texts' rows see the same texts in a plain shuffle. " if cfg.pairs else "")
+    setup = (pairing + f"Training text: glosses + first lemmas of {cfg.n_train} (static; also the 2-layer ← MiniLM student's "
              f"when it trains on the static students' text) and "
              f"{cfg.n_train_mpnet} (MPNet / multi-teacher) training WordNet synsets (fixed nested subsets of the "
              f"106k; the 2-core shared CPU makes the full set too slow), plus for the static students "
