@@ -23,8 +23,11 @@ def test_embedding_recipe_validates(path):
 
     recipe = load_recipe(path, ["data.params.subset=32"])
     report = validate_recipe(recipe, path.name)
-    assert report.student_views == {"embedding": (4, 256)} and report.teacher_views == {"embedding": (4, 384)}
-    assert report.terms == ["score_kl", "relation"]
+    paired = recipe.data.params.get("pairs", False)
+    n = 8 if paired else 4  # 4 samples; a (lemma, gloss) pair is two texts
+    width = 256 if recipe.student.model.name == "st_static" else 384
+    assert report.student_views == {"embedding": (n, width)} and report.teacher_views == {"embedding": (n, 384)}
+    assert report.terms[:2] == ["score_kl", "relation"]
     assert all(0 < v < 10 for v in report.losses.values())
 
 
@@ -74,3 +77,53 @@ def test_embedding_recipe_runs_end_to_end(tmp_path, monkeypatch, one_thread):
     assert isinstance(student, STStudent)
     torch.testing.assert_close(torch.as_tensor(st.encode(texts, convert_to_numpy=True)), student.encode(texts),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/usr/share/wordnet/data.noun").exists(), reason="Debian wordnet-base is not installed")
+def test_paired_recipe_runs_end_to_end(tmp_path, monkeypatch, one_thread):
+    """The 2-layer recipe on (lemma, gloss) groups: every training batch holds whole pairs, the teacher cache
+    holds every string of the groups, and the student is saved as a sentence-transformers directory."""
+    from sentence_transformers import SentenceTransformer
+
+    from still.data import text as text_mod
+    from still.integrations import embedding_eval as ee
+    from still.pipeline import run_recipe
+    from still.recipes.schema import load_recipe
+
+    monkeypatch.setenv("STILL_CACHE", str(tmp_path / "cache"))
+    for k, v in (("wordnet_pairs", 40), ("fortunes_per_class", 8), ("kjv_verses", 20)):
+        monkeypatch.setitem(ee.RECIPE_SUITE, k, v)
+    monkeypatch.setitem(ee.THROUGHPUT, "texts", 16)
+    monkeypatch.setitem(ee.THROUGHPUT, "repeats", 1)
+    batches: list[list[str]] = []
+    collate = text_mod.text_collate
+
+    def recording(samples):
+        out = collate(samples)
+        batches.append(out["text"])
+        return out
+
+    monkeypatch.setattr(text_mod, "text_collate", recording)
+    recipe = load_recipe(RECIPES[0].parent / "embeddings_minilm_2layer.yaml",
+                         ["data.params.synsets=40", "train.epochs=1", "train.batch_size=8", "train.warmup_steps=1"])
+    s = run_recipe(recipe, out_dir=tmp_path / "run", quiet=True, report=False)
+    pairs = dict(text_mod.distill_pairs(40))
+    train_batches = [b for b in batches if len(b) == 16]
+    assert len(train_batches) >= 5
+    for b in train_batches:
+        assert all(pairs.get(b[i]) == b[i + 1] for i in range(0, 16, 2)), b[:4]
+    assert s["distilled"]["mean"]["x_teacher"] > 1.5 and 0 <= s["distilled"]["mean"]["wordnet_r1"] <= 1
+    st = SentenceTransformer(s["student_dirs"]["0"], device="cpu")
+    assert st.encode(["dog"], convert_to_numpy=True).shape == (1, 384)
+
+
+def test_text_collate_flattens_groups():
+    from still.data.text import TextDataset, text_collate
+
+    ds = TextDataset("g", [("dog", "a domestic animal"), "a lone text", ("run", "move fast", "sprint")], labels=[0, 1, 2])
+    b = text_collate([ds[i] for i in range(3)])
+    assert b["text"] == ["dog", "a domestic animal", "a lone text", "run", "move fast", "sprint"]
+    assert b["index"].tolist() == [0, 0, 1, 2, 2, 2] and b["y"].tolist() == [0, 0, 1, 2, 2, 2]
+    assert ds.flat_texts() == b["text"] and ds.collate_fn([ds[1]])["text"] == ["a lone text"]
+    grouped = TextDataset("g", [("dog", "a domestic animal"), "a lone text"])
+    assert grouped.fingerprint() != TextDataset("g", ["dog", "a domestic animal", "a lone text"]).fingerprint()

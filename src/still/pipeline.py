@@ -194,7 +194,8 @@ def _fit_student(
         f"(terms: {', '.join(t.name for t in parts.objective.terms)}){' resuming' if resume_here else ''}")
     t0 = time.perf_counter()
     train_fn(student, parts.objective, train, config=cfg, teacher=teacher, student_views=parts.student_views,
-             student_inputs=recipe.student.inputs, eval_fn=eval_fn, out_dir=str(out), resume=resume_here)
+             student_inputs=recipe.student.inputs, eval_fn=eval_fn, out_dir=str(out), resume=resume_here,
+             collate_fn=getattr(train, "collate_fn", None))
     train_s = time.perf_counter() - t0
     student = student.cpu()
     _save_state(student, out / "student.safetensors")
@@ -402,7 +403,7 @@ def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, 
         raise RecipeError(f"data: an embedding recipe needs a text data set with .texts; got {type(train).__name__}")
     teacher = _embedding_teacher(recipe, log)
     t0 = time.perf_counter()
-    teacher.precompute(list(texts))
+    teacher.precompute(train.flat_texts() if hasattr(train, "flat_texts") else list(texts))
     log(f"[bold]teacher[/]: {len(teacher.cache)} embeddings cached in {teacher.cache.path} "
         f"({time.perf_counter() - t0:.0f} s for this data)")
     bs = recipe.eval.batch_size

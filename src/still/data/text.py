@@ -48,7 +48,11 @@ def stable_fraction(key: str, salt: str = "") -> float:
 
 
 class TextDataset(Dataset):
-    """Texts (and optional integer labels) as dict samples `{"text", "index"[, "y"]}`."""
+    """Texts (and optional integer labels) as dict samples `{"text", "index"[, "y"]}`.
+
+    A text may be a group (a tuple of strings, e.g. a word and its definition): `text_collate`
+    flattens it into the batch, so its texts always share a batch; `flat_texts()` lists every string.
+    """
 
     def __init__(self, name: str, texts: Sequence[str], labels: Sequence[int] | None = None,
                  classes: Sequence[str] | None = None, keys: Sequence[str] | None = None,
@@ -74,22 +78,40 @@ class TextDataset(Dataset):
             item["y"] = self.labels[i]
         return item
 
+    def flat_texts(self) -> list[str]:
+        """Every string, groups flattened, in order."""
+        return [x for t in self.texts for x in ((t,) if isinstance(t, str) else t)]
+
+    @staticmethod
+    def collate_fn(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The engine's collate for text data (groups flattened): `text_collate`."""
+        return text_collate(samples)
+
     def fingerprint(self) -> str:
-        """sha256 (16 hex) over the name, the texts and the labels."""
+        """sha256 (16 hex) over the name, the texts (a group's joined by \\x1f) and the labels."""
         h = hashlib.sha256(self.name.encode())
         for i, t in enumerate(self.texts):
-            h.update(t.encode() + b"\x00")
+            h.update((t if isinstance(t, str) else "\x1f".join(t)).encode() + b"\x00")
             if self.labels is not None:
                 h.update(str(self.labels[i]).encode())
         return h.hexdigest()[:16]
 
 
 def text_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Batch text samples: `{"text": list[str], "index": (B,) int64[, "y": (B,) int64]}`."""
-    out: dict[str, Any] = {"text": [s["text"] for s in samples],
-                           "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}
+    """Batch text samples: `{"text": list[str], "index": (B,) int64[, "y": (B,) int64]}`.
+
+    A sample whose text is a group (tuple of strings) adds each of its strings, with its index and
+    label repeated, so B counts strings, not samples."""
+    texts: list[str] = []
+    rows: list[int] = []
+    for j, s in enumerate(samples):
+        group = (s["text"],) if isinstance(s["text"], str) else tuple(s["text"])
+        texts.extend(group)
+        rows.extend([j] * len(group))
+    out: dict[str, Any] = {"text": texts,
+                           "index": torch.tensor([int(samples[j]["index"]) for j in rows], dtype=torch.long)}
     if "y" in samples[0]:
-        out["y"] = torch.tensor([int(s["y"]) for s in samples], dtype=torch.long)
+        out["y"] = torch.tensor([int(samples[j]["y"]) for j in rows], dtype=torch.long)
     return out
 
 
@@ -352,16 +374,26 @@ def distill_pairs(synsets: int | None = 8000, max_chars: int | None = 400) -> li
 
 @register_dataset("distill_text")
 def distill_text(split: str = "train", synsets: int | None = 8000, fortunes_n: int = 0, kjv_n: int = 0,
-                 lemmas: bool = True, subset: int | None = None) -> TextDataset:
+                 lemmas: bool = True, subset: int | None = None, pairs: bool = False) -> TextDataset:
     """Unlabeled distillation text for embedding recipes: `distill_corpus(...)` as a `TextDataset`
     (`split="train"`; `subset` keeps its first texts); `split="test"` is the held-out WordNet
-    definitions (the embedding metrics score on their own held-out sets, not on this split)."""
+    definitions (the embedding metrics score on their own held-out sets, not on this split).
+    `pairs=True`: the synsets come as (lemma, gloss) groups that share a batch (`distill_pairs`; then a
+    batch of `batch_size` samples holds up to twice as many texts), the fortunes / verses as single texts."""
     if split == "test":
         return wordnet_glosses("test", subset=subset)
     if split != "train":
         raise ValueError(f"distill_text: split must be 'train' or 'test', got {split!r}")
-    texts = distill_corpus(synsets, fortunes_n, kjv_n, lemmas)[:subset]
-    return TextDataset(f"distill_text:{synsets}:{fortunes_n}:{kjv_n}:{lemmas}:{subset}", texts, keys=texts)
+    if pairs:
+        if not lemmas:
+            raise ValueError("distill_text: pairs=True pairs each gloss with its lemma; it needs lemmas=True")
+        rest = distill_corpus(0, fortunes_n, kjv_n) if fortunes_n or kjv_n else []
+        texts: list[Any] = [*distill_pairs(synsets), *rest][:subset]
+    else:
+        texts = distill_corpus(synsets, fortunes_n, kjv_n, lemmas)[:subset]
+    keys = [t if isinstance(t, str) else "\x1f".join(t) for t in texts]
+    return TextDataset(f"distill_text:{synsets}:{fortunes_n}:{kjv_n}:{lemmas}:{subset}" + (":pairs" if pairs else ""),
+                       texts, keys=keys)
 
 
 __all__ = ["TextDataset", "text_collate", "MissingDataError", "wordnet_glosses", "fortunes", "kjv_verses",

@@ -94,7 +94,8 @@ def validate_recipe(recipe: Recipe, source: str = "recipe", batch_size: int = 4)
         n = min(batch_size, len(train))
         if n == 0:
             raise RecipeError("data: the training set is empty")
-        batch = next(iter(torch.utils.data.DataLoader(train, batch_size=n, shuffle=False)))
+        batch = next(iter(torch.utils.data.DataLoader(train, batch_size=n, shuffle=False,
+                                                      collate_fn=getattr(train, "collate_fn", None))))
         student.train()
         try:
             _, s_views = forward_with_views(student, batch, parts.student_views, inputs=recipe.student.inputs)
