@@ -33,7 +33,7 @@ from still.bench import emit_json, fmt_mean_std, markdown_table, mean_std, write
 from still.data.lm_text import ByteTokenizer, DOMAINS, LMBlocks, available_domains, domain_blocks  # noqa: E402
 from still.integrations.causal_lm import (CausalLMTeacher, SubVocab, SubVocabCollate, num_parameters,  # noqa: E402
                                           student_from_config, tokenizer_hash)
-from still.integrations.lm_loop import (TopKCacheTeacher, lm_perplexity, record_topk, sample_generations,  # noqa: E402
+from still.integrations.lm_loop import (lm_perplexity, record_topk, sample_generations, topk_store_teacher,  # noqa: E402
                                         student_head_fn, teacher_head_fn, train_lm)
 from still.losses.llm_span import word_span_ids, word_starts_from_tokenizer  # noqa: E402
 from still.methods.llm import LMDistillConfig  # noqa: E402
@@ -155,14 +155,16 @@ def main() -> None:
 
     # the teacher: held-out perplexity, then its top-k recorded once
     tp = lm_perplexity(teacher_head_fn(teacher), test, collate, kd_rows)
-    cache = cache_root("llm_topk") / (
-        f"{teacher.fingerprint()}-{train.fingerprint()}-k{S['k']}")
+    cache = cache_root("llm_topk") / (  # a teacher-signal store ("-store": older caches were another format)
+        f"{teacher.fingerprint()}-{train.fingerprint()}-k{S['k']}-store")
+    timing = cache.with_name(cache.name + ".seconds.json")
     t0 = time.perf_counter()
-    cached = (cache / "manifest.json").exists()
+    cached = (cache / "manifest.json").exists() and timing.exists()
     if not cached:
         record_topk(teacher, train, cache, k=S["k"], collate=collate, batch_size=8)
-    record_s = time.perf_counter() - t0 if not cached else json.loads((cache / "manifest.json").read_text())["seconds"]
-    store = TopKCacheTeacher(cache, teacher.fingerprint(), train.fingerprint())
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    record_s = json.loads(timing.read_text())["seconds"]
+    store = topk_store_teacher(cache, teacher.fingerprint(), train.fingerprint())
     print(f"[{time.perf_counter() - t_start:6.0f}s] teacher ppl {tp['all']:.2f} ({', '.join(f'{d} {tp[d]:.1f}' for d in S['domains'])}); "
           f"top-k of {len(train)} blocks recorded in {record_s:.1f} s{' (cached)' if cached else ''}", file=sys.stderr, flush=True)
     if a.record_only:

@@ -9,9 +9,10 @@ import torch
 
 from still.data.lm_text import LMBlocks
 from still.integrations.causal_lm import CausalLMTeacher, lm_head_outputs, student_from_config
-from still.integrations.lm_loop import TopKCacheTeacher, lm_perplexity, record_topk, student_head_fn, train_lm
+from still.integrations.lm_loop import lm_perplexity, record_topk, student_head_fn, topk_store_teacher, train_lm
 from still.methods.base import build_method
 from still.methods.llm import DDKSampler, LMDistillConfig, generate, scrg_correction, scrg_sequences
+from still.teachers.store import StoreError, StoreMismatchError, StoreTeacher, verify
 
 CFG = dict(model_type="llama", vocab_size=259, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
@@ -125,14 +126,22 @@ def test_ddk_loop_and_perplexity_per_domain():
 def test_topk_cache_round_trip_and_refusal(tmp_path):
     data = _blocks(n=5)
     teacher = CausalLMTeacher(student_from_config(CFG, seed=1), topk=8)
-    path = record_topk(teacher, data, tmp_path / "c", k=8, batch_size=2)
-    store = TopKCacheTeacher(path, teacher.fingerprint(), data.fingerprint())
+    path = record_topk(teacher, data, tmp_path / "c", k=8, batch_size=2, shard_size=2)  # 3 shards
+    store = topk_store_teacher(path, teacher.fingerprint(), data.fingerprint())
+    assert isinstance(store, StoreTeacher) and verify(path).ok
     batch = {"input_ids": data.blocks[[3, 1]], "index": torch.tensor([3, 1])}
     live, got = teacher.views(batch, ["topk"])["topk"], store.views(batch, ["topk"])["topk"]
-    assert torch.equal(live.indices, got.indices)
+    assert torch.equal(live.indices, got.indices) and got.vocab_size == live.vocab_size
     torch.testing.assert_close(live.logprobs, got.logprobs, atol=2e-2, rtol=1e-2)
-    with pytest.raises(ValueError, match="teacher fingerprint"):
-        TopKCacheTeacher(path, "0" * 16, data.fingerprint())
+    torch.testing.assert_close(live.missing, got.missing)  # recorded, not re-estimated from fp16 values
+    with pytest.raises(StoreMismatchError, match="teacher weights"):
+        topk_store_teacher(path, "0" * 16, data.fingerprint())
+    with pytest.raises(StoreMismatchError, match="data set"):
+        topk_store_teacher(path, teacher.fingerprint(), "0" * 16)
+    small = topk_store_teacher(record_topk(teacher, data, tmp_path / "c4", k=4, batch_size=2))  # fewer than served
+    assert torch.equal(small.views(batch, ["topk"])["topk"].indices, live.indices[..., :4])
+    with pytest.raises(StoreError, match="top 8"):
+        record_topk(teacher, data, tmp_path / "c16", k=16)
     r = train_lm(student_from_config(CFG, seed=0), data, LMDistillConfig(steps=2, batch_size=2), teacher=store)
     assert all(math.isfinite(x) for x in r["losses"])
 

@@ -223,3 +223,36 @@ def test_sampler_reads_rank_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert list(s) == [1, 4, 7] and len(s) == 3
     with pytest.raises(ValueError, match="rank 3 is outside 0..2"):
         DistributedExactSampler(10, rank=3)
+
+
+def test_a_teacher_serving_topk_logits_is_recorded_as_is(tmp_path: Path) -> None:
+    """A teacher whose view is already `TopKLogits` (an LM head's chunked top-k): recorded at its own k
+    (or fewer), its missing mass kept; more entries than it has are refused before anything is written."""
+    from still.teachers.base import Teacher
+
+    ds, live = sw.Digits(40), sw.make_teacher()
+
+    class TopK(Teacher):
+        view_specs = {"topk": "top-5 of the digits teacher's logits"}
+
+        def views(self, batch, names):
+            logp = torch.log_softmax(live.views(batch, ["logits"])["logits"], -1)
+            v, i = logp.topk(5, -1)
+            return {"topk": TopKLogits(i, v, 1 - v.exp().sum(-1), logp.shape[-1])}
+
+        def fingerprint(self) -> str:
+            return "topk-" + live.fingerprint()
+
+    t = TopK()
+    b = _batch(ds, [39, 2, 20])
+    ref = t.views(b, ["topk"])["topk"]
+    for k, path in ((None, tmp_path / "own"), (3, tmp_path / "three")):
+        write_store(t, ds, path, topk=None if k is None else {"topk": k}, shard_size=16, batch_size=8)
+        got = StoreTeacher(path).views(b, ["topk"])["topk"]
+        kk = k or 5
+        assert got.k == kk and got.shape == ref.shape and torch.equal(got.indices, ref.indices[..., :kk])
+        torch.testing.assert_close(got.logprobs, ref.logprobs[..., :kk], atol=2e-3, rtol=0)
+        torch.testing.assert_close(got.missing, 1 - ref.logprobs[..., :kk].exp().sum(-1), atol=1e-5, rtol=0)
+    with pytest.raises(StoreError, match="top 5"):
+        write_store(t, ds, tmp_path / "more", topk={"topk": 6})
+    assert not (tmp_path / "more").exists()  # refused before anything was written

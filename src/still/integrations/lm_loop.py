@@ -2,7 +2,7 @@
 
 >>> res = train_lm(student, train, LMDistillConfig(steps=100), teacher=teacher, collate=SubVocabCollate(sub))
 >>> lm_perplexity(lambda b: lm_head_outputs(student, b), test, collate, kd_rows=K)   # {"kjv": 41.2, ...}
->>> record_topk(teacher, train, path, k=32, collate=collate); TopKCacheTeacher(path, teacher_fp, data_fp)
+>>> record_topk(teacher, train, path, k=32, collate=collate); topk_store_teacher(path, teacher_fp, data_fp)
 
 `train_lm` is a plain loop (AdamW, warm-up + cosine, gradient clipping), because on-policy methods
 generate inside the step; token-level methods can equally run through `still.engine` or the
@@ -11,9 +11,7 @@ generate inside the step; token-level methods can equally run through `still.eng
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from still.integrations.causal_lm import LMHeadOutputs, TopKLogits, lm_head_outputs, topk_logits
+from still.integrations.causal_lm import LMHeadOutputs, lm_head_outputs
 from still.losses.llm_span import lm_kd, span_kd
 from still.methods.llm import DDKSampler, LMDistillConfig, generate, scrg_sequences
 from still.teachers.base import Teacher
@@ -87,78 +85,39 @@ def teacher_head_fn(teacher: Teacher) -> Callable[[Mapping[str, torch.Tensor]], 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Top-k cache of a teacher
+# Top-k cache of a teacher: the teacher-signal store
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def record_topk(teacher: Teacher, data: Any, path: str | Path, k: int = 32, collate: Callable | None = None,
-                batch_size: int = 8, data_fingerprint: str | None = None) -> Path:
-    """Run `teacher` once over `data` and write its top-k log-probs: `path/topk.safetensors` + `manifest.json`.
+                batch_size: int = 8, data_fingerprint: str | None = None, shard_size: int = 1024) -> Path:
+    """Run `teacher` once over `data` and record its `"topk"` view (`TopKLogits`, the teacher's own chunked
+    top-k: no `(B, T, V)` tensor) into the teacher-signal store at `path` (`still.teachers.store`: sharded,
+    atomic, resumable, checksummed; indices bit-packed, log-probs fp16, the missing mass as recorded).
+    `k` may be at most the teacher's own top-k. Returns `path`; serve it with `topk_store_teacher`."""
+    from still.teachers.store import write_store
 
-    Indices int32 and log-probs fp16 `(N, T, k)`; the manifest records the teacher's and data's
-    fingerprints, k and the vocabulary size. Written to a temp dir and renamed (atomic)."""
-    from safetensors.torch import save_file
-
-    collate = collate or default_collate
-    path = Path(path)
-    idx, val, V = [], [], 0
-    t0 = time.perf_counter()
-    for i in range(0, len(data), batch_size):
-        b = collate([data[j] for j in range(i, min(len(data), i + batch_size))])
-        tk: TopKLogits = teacher.views(b, ["topk"])["topk"] if "topk" in teacher.view_specs else None
-        if tk is None:
-            raise KeyError(f"{type(teacher).__name__} serves no 'topk' view")
-        idx.append(tk.indices.int())
-        val.append(tk.logprobs.half())
-        V = tk.vocab_size
-    secs = time.perf_counter() - t0
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file({"indices": torch.cat(idx).contiguous(), "logprobs": torch.cat(val).contiguous()},
-              str(tmp / "topk.safetensors"))
-    fp = data_fingerprint or (data.fingerprint() if hasattr(data, "fingerprint") else None)
-    (tmp / "manifest.json").write_text(json.dumps({
-        "format": "still-lm-topk-1", "teacher": teacher.fingerprint(), "data": fp, "k": k, "vocab_size": V,
-        "n": len(data), "seconds": secs}, indent=1))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    if "topk" not in teacher.view_specs:
+        raise KeyError(f"{type(teacher).__name__} serves no 'topk' view (views: {teacher.available_views()})")
+    out = write_store(teacher, data, path, views=["topk"], topk={"topk": k}, dtype="float16", batch_size=batch_size,
+                      shard_size=shard_size, collate_fn=collate or default_collate, data_fingerprint=data_fingerprint,
+                      preprocessing={"recorded_by": "still.integrations.lm_loop.record_topk"})
+    assert out is not None  # one process writes every shard, so it finalises the store
+    return out
 
 
-class TopKCacheTeacher(Teacher):
-    """Serves `"topk"` (`TopKLogits`) for `batch["index"]` from `record_topk`'s files; no model loaded.
+def topk_store_teacher(path: str | Path, teacher_fingerprint: str | None = None,
+                       data_fingerprint: str | None = None) -> Any:
+    """The `StoreTeacher` serving `record_topk`'s `"topk"` view by `batch["index"]`; no model loaded.
 
-    Refuses a cache whose manifest names another teacher or data fingerprint than the ones expected.
-    Why this is not `still.teachers.store` (yet): the store records dense views and takes the top-k of a
-    `(B, T, V)` logits tensor per batch, while `record_topk` keeps the teacher's chunked top-k (no
-    `(B, T, V)` tensor, which matters at V = 262k); once the store accepts an already top-k view this
-    becomes `write_store(views=["topk"])` + `StoreTeacher`. Both serve the same `TopKLogits` type."""
+    Refuses (`StoreMismatchError`) a store whose manifest names another teacher or data fingerprint than
+    the ones given."""
+    from still.teachers.store import StoreTeacher
 
-    def __init__(self, path: str | Path, teacher_fingerprint: str | None = None,
-                 data_fingerprint: str | None = None) -> None:
-        from safetensors.torch import load_file
-
-        self.path = Path(path)
-        man = json.loads((self.path / "manifest.json").read_text())
-        for key, want in (("teacher", teacher_fingerprint), ("data", data_fingerprint)):
-            if want is not None and man.get(key) != want:
-                raise ValueError(f"top-k cache {self.path}: recorded {key} fingerprint {man.get(key)} "
-                                 f"but this run's is {want}; re-record it (record_topk)")
-        t = load_file(str(self.path / "topk.safetensors"))
-        self.indices, self.logprobs = t["indices"], t["logprobs"]
-        self.manifest = man
-        self.view_specs = {"topk": f"top-{man['k']} log-probs", "lm": "top-k (alias)"}
-
-    def views(self, batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-        self._check_names(names)
-        i = batch["index"].long()
-        tk = topk_logits(self.indices[i].long(), self.logprobs[i].float(), int(self.manifest["vocab_size"]))
-        return {n: tk for n in names}
-
-    def fingerprint(self) -> str:
-        return f"topk:{self.manifest['teacher']}:{self.manifest['k']}"
+    t = StoreTeacher(path)
+    t.check_compatible(teacher_fp=teacher_fingerprint, data_fp=data_fingerprint)
+    if "topk" not in t.view_specs:
+        raise KeyError(f"store {path} holds no 'topk' view (views: {sorted(t.view_specs)}); record it with record_topk")
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,7 +137,7 @@ def teacher_view(teacher: Teacher) -> str:
     """The view `train_lm` asks a teacher for: "lm" (live fused head), else "topk", else "logits" (e.g. a
     `still.teachers.store.StoreTeacher` that recorded the "logits" view as top-k)."""
     for name in ("lm", "topk", "logits"):
-        if name in teacher.view_specs and not (name == "lm" and isinstance(teacher, TopKCacheTeacher)):
+        if name in teacher.view_specs:
             return name
     raise KeyError(f"{type(teacher).__name__} serves none of the views lm, topk, logits ({teacher.available_views()})")
 
@@ -190,7 +149,7 @@ def train_lm(student: nn.Module, data: Any, cfg: LMDistillConfig, teacher: Teach
              log: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train `student` on `data` (LMBlocks) for `cfg.steps` steps; returns timings, losses and DDK weights.
 
-    `teacher`: a still Teacher serving "lm" (live, `CausalLMTeacher`) or "topk" (`TopKCacheTeacher`);
+    `teacher`: a still Teacher serving "lm" (live, `CausalLMTeacher`) or "topk" (`topk_store_teacher`);
     None trains from scratch (CE only). `to_teacher_ids` maps student ids to the teacher's (sub-vocabulary
     students) for generated sequences, `to_student_ids` the reverse (seq-KD); `ddk_eval` (LMBlocks) is DDK's per-domain validation set;
     `offline_teacher` (e.g. the same teacher's top-k store) serves the off-policy steps of on-policy methods,

@@ -115,6 +115,11 @@ def make_plan(teacher: Teacher, dataset: Any, *, views: Sequence[str] | None = N
     if n == 0:
         raise StoreError("the data set is empty: nothing to record")
     probe = teacher.views(_to_device(_fetch(dataset, range(min(2, n)), collate_fn), device), names)
+    for nm in names:  # a teacher serving TopKLogits (e.g. a chunked LM head) is recorded at its own k by default
+        if isinstance(probe[nm], TopKLogits) and not topk_d[nm]:
+            topk_d[nm] = probe[nm].k
+        elif isinstance(probe[nm], TopKLogits) and int(topk_d[nm]) > probe[nm].k:
+            raise StoreError(f"view {nm!r}: the teacher serves its top {probe[nm].k}, topk asks for {topk_d[nm]}")
     specs = [ViewSpec(nm, tuple(probe[nm].shape[1:]), str(dtype_d[nm]).replace("torch.", ""), int(topk_d[nm] or 0),
                       quant_d[nm] or "none").to_json() for nm in names]
     return {

@@ -228,16 +228,32 @@ def unpack_indices(packed: np.ndarray, k: int, bits: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- encode / decode
 
-def encode_view(spec: ViewSpec, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Teacher tensor (B, *spec.shape) -> the view's fields, each (B, *field_shape), on the CPU."""
+def _topk_of(spec: ViewSpec, x: torch.Tensor | TopKLogits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, missing) of the view's top `spec.k` log-probs, on the CPU: from dense logits
+    (B, ..., V), or from a teacher that already serves `TopKLogits` with at least k entries (its first k,
+    which are descending; its recorded missing mass when k is all it has, so nothing is re-estimated)."""
+    if isinstance(x, TopKLogits):
+        if x.k < spec.k:
+            raise StoreError(f"view {spec.name!r}: the teacher serves its top {x.k}, the store records top {spec.k}")
+        vals, idx = x.logprobs[..., :spec.k].detach().float().cpu(), x.indices[..., :spec.k].cpu()
+        if x.k == spec.k:
+            return vals, idx, x.missing.detach().float().cpu()
+    else:
+        vals, idx = torch.log_softmax(x.detach().cpu().float(), dim=-1).topk(spec.k, dim=-1, sorted=True)
+    return vals, idx, (-torch.expm1(torch.logsumexp(vals, dim=-1))).clamp_min(0).float()
+
+
+def encode_view(spec: ViewSpec, x: torch.Tensor | TopKLogits) -> dict[str, torch.Tensor]:
+    """Teacher tensor (B, *spec.shape) or `TopKLogits` of that dense shape -> the view's fields, each
+    (B, *field_shape), on the CPU."""
     if tuple(x.shape[1:]) != spec.shape:
         raise StoreError(f"view {spec.name!r}: teacher gave per-row shape {tuple(x.shape[1:])}, the store records {spec.shape}")
-    x = x.detach().cpu()
     if not spec.k:
-        return {spec.name: x.to(DENSE_DTYPES[spec.dtype]).contiguous()}
-    logp = torch.log_softmax(x.float(), dim=-1)
-    vals, idx = logp.topk(spec.k, dim=-1, sorted=True)
-    missing = (-torch.expm1(torch.logsumexp(vals, dim=-1))).clamp_min(0).float()
+        if isinstance(x, TopKLogits):
+            raise StoreError(f"view {spec.name!r}: the teacher serves top-k log-probs; record it with topk="
+                             f"{{{spec.name!r}: k}} (a dense view needs the full tensor)")
+        return {spec.name: x.detach().cpu().to(DENSE_DTYPES[spec.dtype]).contiguous()}
+    vals, idx, missing = _topk_of(spec, x)
     n = spec.name
     out = {f"{n}.indices": torch.from_numpy(pack_indices(idx.numpy(), spec.bits)), f"{n}.missing": missing}
     vals = vals.float()
