@@ -16,7 +16,7 @@ import torch
 
 def fit(model: torch.nn.Module, objective: Any, data: Any, seed: int, *, epochs: int, batch_size: int, lr: float,
         max_steps: int | None = None, teacher: Any = None, views: dict[str, str] | None = None,
-        inputs: Sequence[str] | None = None, lr_schedule: str = "constant", warmup_steps: int = 0
+        inputs: Sequence[str] | None = None, lr_schedule: str = "constant", warmup_steps: float = 0
         ) -> torch.nn.Module:
     """Train `model` on `data` with `still.engine.train` (quiet, no eval) and return it in eval mode."""
     from still.engine import TrainConfig, train

@@ -152,7 +152,7 @@ class DenseBench:
         t0 = time.perf_counter()
         fit(student, obj, data, seed, epochs=b.epochs, batch_size=b.batch_size, lr=b.lr, max_steps=b.max_steps,
             teacher=t, views=views, lr_schedule=b.lr_schedule,
-            warmup_steps=int(b.warmup * b.steps(len(data), b.epochs)))
+            warmup_steps=b.warmup)
         self.runs += 1
         v = self.miou(student)
         print(f"[dense] {method} seed {seed}: mIoU {v:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

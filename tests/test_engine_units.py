@@ -82,6 +82,12 @@ def test_lr_factor_warmup_then_shapes() -> None:
     step = lr_factor(TrainConfig(lr_schedule="step", lr_milestones=(0.5, 0.75), lr_gamma=0.1), 100)
     assert [step(10), step(50), step(80)] == pytest.approx([1.0, 0.1, 0.01])
     assert lr_factor(TrainConfig(), 100)(99) == 1.0
+    frac = lr_factor(TrainConfig(lr_schedule="cosine", warmup_steps=1 / 11), 110)  # a fraction: 10 of 110 steps
+    assert [frac(k) for k in (0, 5, 10, 60)] == [f(k) for k in (0, 5, 10, 60)]
+    assert lr_factor(TrainConfig(warmup_steps=0.05), 99)(3) == pytest.approx(3 / 4)  # int(0.05 * 99) = 4
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="warmup_steps"):
+            TrainConfig(warmup_steps=bad)
 
 
 def test_the_scheduler_drives_the_optimizer_lr(tmp_path: Path) -> None:

@@ -315,3 +315,14 @@ def test_report_has_plots_of_every_term_and_metric(tmp_path: Path) -> None:
     (tmp_path / "r" / "report.html").unlink()
     write_report(tmp_path / "r")
     assert (tmp_path / "r" / "report.html").exists()
+
+
+def test_warmup_steps_takes_steps_or_a_fraction() -> None:
+    from still.pipeline import _config
+
+    for w in (5, 0.1):
+        r = parse_recipe(_raw(train={**BASE["train"], "warmup_steps": w}), "recipe.yaml")
+        assert _config(r.train, "train", seed=0, progress=False).warmup_steps == w
+    with pytest.raises(RecipeError, match="warmup_steps"):
+        _config(parse_recipe(_raw(train={**BASE["train"], "warmup_steps": 2.5}), "recipe.yaml").train, "train",
+                seed=0, progress=False)

@@ -58,7 +58,7 @@ class TrainConfig:
     momentum: float = 0.9                      # sgd only
     betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw only
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: float = 0  # steps, or a fraction of the run when 0 < warmup_steps < 1
     lr_milestones: tuple[float, ...] = (0.5, 0.75)  # "step": fractions of the post-warm-up run
     lr_gamma: float = 0.1                           # "step": factor at each milestone
     grad_accum: int = 1
@@ -97,8 +97,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise bad(name, "None or an integer >= 1")
-        if self.warmup_steps < 0 or self.num_workers < 0:
-            raise bad("warmup_steps" if self.warmup_steps < 0 else "num_workers", "an integer >= 0")
+        w = self.warmup_steps
+        if w < 0 or (w >= 1 and w != int(w)):
+            raise bad("warmup_steps", "a number of steps (an integer >= 0) or a fraction of the run in (0, 1)")
+        if self.num_workers < 0:
+            raise bad("num_workers", "an integer >= 0")
         if not self.lr > 0:
             raise bad("lr", "a positive float")
 
@@ -174,9 +177,11 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
 
 
 def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """`step -> multiplier of cfg.lr`: linear warm-up from 0 over `warmup_steps`, then the schedule
-    (`still.schedules`: constant, linear to 0, cosine to 0, step decay) over the remaining steps."""
-    warm = int(cfg.warmup_steps)
+    """`step -> multiplier of cfg.lr`: linear warm-up from 0 over `warmup_steps` (a fraction < 1 of
+    `total_steps`, rounded down, or a number of steps), then the schedule (`still.schedules`: constant,
+    linear to 0, cosine to 0, step decay) over the remaining steps."""
+    w = cfg.warmup_steps
+    warm = int(w * total_steps) if 0 < w < 1 else int(w)
     shape = {
         "constant": lambda: None,
         "linear": lambda: schedules.Linear(start=1.0, end=0.0),

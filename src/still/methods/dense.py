@@ -46,14 +46,12 @@ def fit_segmenter(model: nn.Module, data: Any, epochs: int = 3, batch_size: int 
                   seed: int = 0, max_steps: int | None = None, lr_schedule: str = "constant",
                   warmup: float = 0.0) -> nn.Module:
     """Train a U-Net with pixel CE on `data`'s `y` (pixels of -100 ignored) by `still.engine.train`;
-    `lr_schedule` as in `TrainConfig`, `warmup`: linear warm-up over that fraction of the steps."""
+    `lr_schedule` and `warmup` (a fraction < 1 of the steps, or steps) as `TrainConfig`'s `warmup_steps`."""
     from still.engine import TrainConfig, train
     from still.objective import Objective, build_term
 
-    steps = max_steps or epochs * max(len(data) // batch_size, 1)
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed, progress=False,
-                      eval_every_epochs=None, log_every=10_000, lr_schedule=lr_schedule,
-                      warmup_steps=int(warmup * steps))
+                      eval_every_epochs=None, log_every=10_000, lr_schedule=lr_schedule, warmup_steps=warmup)
     train(model, Objective([build_term(_ce())]), data, cfg, student_views={"seg": "head"})
     return model.eval()
 

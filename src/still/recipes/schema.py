@@ -80,7 +80,7 @@ class TrainSpec(_Strict):
     momentum: float | None = None
     betas: tuple[float, float] | None = None
     lr_schedule: Literal["constant", "linear", "cosine", "step"] | None = None
-    warmup_steps: int | None = None
+    warmup_steps: int | float | None = None  # steps, or a fraction of the run when < 1
     lr_milestones: list[float] | None = None
     lr_gamma: float | None = None
     grad_accum: int | None = Field(default=None, gt=0)

@@ -136,7 +136,7 @@ def _fit(model: nn.Module, data: Any, num_classes: int, epochs: int, batch_size:
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     total = min(max_steps or 1 << 62, epochs * len(loader))
-    cfg = TrainConfig(lr=lr, lr_schedule=lr_schedule, warmup_steps=int(warmup * total))
+    cfg = TrainConfig(lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, total))
     dev = next(model.parameters()).device
     model.train()
