@@ -387,6 +387,14 @@ def _embedding_teacher(recipe: Recipe, log: _Log) -> Any:
     return STTeacher(st, view=next(iter(spec.views)), cache_dir=cache_root("embeddings"))
 
 
+def _count_texts(train: Any) -> str:
+    """'N texts', or 'N groups (M texts)' for grouped text data."""
+    flat = train.flat_texts() if hasattr(train, "flat_texts") else None
+    if flat is not None and len(flat) != len(train):
+        return f"{len(train)} groups ({len(flat)} texts)"
+    return f"{len(train)} texts"
+
+
 def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, resume: bool,
                    progress: bool | None, log: _Log, t_start: float, report: bool) -> dict[str, Any]:
     """Embedding distillation: cached teacher embeddings, engine training per seed, the student saved as a
@@ -424,7 +432,7 @@ def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, 
             per_seed[seed] = reused
             continue
         student, train_s = _fit_student(recipe, "distilled", seed, train, out, resume, progress, log,
-                                        teacher_for=lambda parts, s: teacher, detail=f" on {len(train)} texts")
+                                        teacher_for=lambda parts, s: teacher, detail=f" on {_count_texts(train)}")
         student = student.eval()
         if hasattr(student, "save"):
             student.save(out / "model")  # SentenceTransformer(out / "model") loads it
