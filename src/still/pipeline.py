@@ -387,14 +387,6 @@ def _embedding_teacher(recipe: Recipe, log: _Log) -> Any:
     return STTeacher(st, view=next(iter(spec.views)), cache_dir=cache_root("embeddings"))
 
 
-def _count_texts(train: Any) -> str:
-    """'N texts', or 'N groups (M texts)' for grouped text data."""
-    flat = train.flat_texts() if hasattr(train, "flat_texts") else None
-    if flat is not None and len(flat) != len(train):
-        return f"{len(train)} groups ({len(flat)} texts)"
-    return f"{len(train)} texts"
-
-
 def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, resume: bool,
                    progress: bool | None, log: _Log, t_start: float, report: bool) -> dict[str, Any]:
     """Embedding distillation: cached teacher embeddings, engine training per seed, the student saved as a
@@ -411,7 +403,9 @@ def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, 
         raise RecipeError(f"data: an embedding recipe needs a text data set with .texts; got {type(train).__name__}")
     teacher = _embedding_teacher(recipe, log)
     t0 = time.perf_counter()
-    teacher.precompute(train.flat_texts() if hasattr(train, "flat_texts") else list(texts))
+    flat = train.flat_texts() if hasattr(train, "flat_texts") else list(texts)  # groups (pairs) flattened
+    detail = f" on {len(train)} groups ({len(flat)} texts)" if len(flat) != len(train) else f" on {len(train)} texts"
+    teacher.precompute(flat)
     log(f"[bold]teacher[/]: {len(teacher.cache)} embeddings cached in {teacher.cache.path} "
         f"({time.perf_counter() - t0:.0f} s for this data)")
     bs = recipe.eval.batch_size
@@ -432,7 +426,7 @@ def _run_embedding(recipe: Recipe, run_dir: Path, seeds: list[int], train: Any, 
             per_seed[seed] = reused
             continue
         student, train_s = _fit_student(recipe, "distilled", seed, train, out, resume, progress, log,
-                                        teacher_for=lambda parts, s: teacher, detail=f" on {_count_texts(train)}")
+                                        teacher_for=lambda parts, s: teacher, detail=detail)
         student = student.eval()
         if hasattr(student, "save"):
             student.save(out / "model")  # SentenceTransformer(out / "model") loads it
