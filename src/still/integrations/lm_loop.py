@@ -15,7 +15,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from still.integrations.causal_lm import LMHeadOutputs, lm_head_outputs
 from still.losses.llm_span import lm_kd, span_kd
 from still.methods.llm import DDKSampler, LMDistillConfig, generate, scrg_sequences
 from still.teachers.base import Teacher
+
+if TYPE_CHECKING:
+    from still.teachers.store import StoreTeacher
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def record_topk(teacher: Teacher, data: Any, path: str | Path, k: int = 32, coll
 
 
 def topk_store_teacher(path: str | Path, teacher_fingerprint: str | None = None,
-                       data_fingerprint: str | None = None) -> Any:
+                       data_fingerprint: str | None = None) -> StoreTeacher:
     """The `StoreTeacher` serving `record_topk`'s `"topk"` view by `batch["index"]`; no model loaded.
 
     Refuses (`StoreMismatchError`) a store whose manifest names another teacher or data fingerprint than
